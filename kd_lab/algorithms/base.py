@@ -1,0 +1,67 @@
+"""The contract every distillation algorithm follows (one file per algorithm in this package).
+
+An algorithm is an ``nn.Module`` that
+  1. names the module paths it taps on the student and the teacher (``student_taps``, ``teacher_taps``);
+  2. builds its learnable parts (connectors, heads) in ``build()`` from shapes probed with one forward;
+  3. maps one step's recorded outputs to a dict of named, already weighted loss terms; their sum is the
+     loss, and each is logged as ``train/loss_<name>``.
+Its parameters are trained with the student. Its hyperparameters come from ``conf/algorithm/<name>.yaml``.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class StepOutputs:
+    """What one training step recorded, handed to ``Algorithm.forward``."""
+
+    logits: Tensor  # student logits (B, K)
+    batch: dict[str, Tensor]  # input, target, index, and mixup fields when mixup is on
+    teacher_logits: Tensor | None = None
+    features: dict[str, Tensor] = field(default_factory=dict)  # student taps
+    teacher_features: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def target(self) -> Tensor:
+        return self.batch["target"]
+
+
+def cross_entropy(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """Cross-entropy with the batch's labels; with mixup, the mix of the two labels' losses."""
+    if "mix_lam" not in batch:
+        return F.cross_entropy(logits, batch["target"])
+    lam = batch["mix_lam"]
+    per_sample = lam * F.cross_entropy(logits, batch["target"], reduction="none")
+    per_sample = per_sample + (1 - lam) * F.cross_entropy(logits, batch["target_mix"], reduction="none")
+    return per_sample.mean()
+
+
+class Algorithm(nn.Module):
+    name: str = "base"
+    needs_teacher: bool = True  # False: the training step skips the teacher forward
+
+    def __init__(self, ce_weight: float = 1.0):
+        super().__init__()
+        self.ce_weight = ce_weight
+
+    @property
+    def student_taps(self) -> list[str]:
+        return []
+
+    @property
+    def teacher_taps(self) -> list[str]:
+        return []
+
+    def build(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
+        """Create connectors from probed shapes (batch axis included). Raise ``KDLabError`` for a pair the
+        method cannot bridge, saying why and what to pick instead."""
+
+    def ce_term(self, out: StepOutputs) -> dict[str, Tensor]:
+        return {"ce": self.ce_weight * cross_entropy(out.logits, out.batch)} if self.ce_weight else {}
+
+    def forward(self, out: StepOutputs) -> dict[str, Tensor]:
+        raise NotImplementedError

@@ -1,0 +1,82 @@
+"""Objects from config: data, models, algorithm, scheme, module and trainer. ``_target_`` is the registry."""
+
+import hashlib
+import json
+import sys
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kd_lab.algorithms.base import Algorithm
+from kd_lab.data.base import TensorDataModule
+from kd_lab.module import DistillationModule
+from kd_lab.schemes.base import Scheme
+
+# keys of a group that describe it but are not constructor arguments
+META_KEYS = ("name",)
+
+
+def to_dict(cfg: DictConfig | None) -> dict[str, Any]:
+    return OmegaConf.to_container(cfg, resolve=True) if cfg is not None else {}  # type: ignore[return-value]
+
+
+def build(cfg: DictConfig, **kwargs) -> Any:
+    spec = {k: v for k, v in to_dict(cfg).items() if k not in META_KEYS}
+    return instantiate(spec, **kwargs)
+
+
+def config_hash(cfg: DictConfig) -> int:
+    """A 63-bit hash of the resolved config (every DDP rank must compute the same)."""
+    digest = hashlib.sha1(json.dumps(to_dict(cfg), sort_keys=True, default=str).encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def build_datamodule(cfg: DictConfig) -> TensorDataModule:
+    return build(cfg.data)
+
+
+def build_model(model_cfg: DictConfig) -> nn.Module:
+    return build(model_cfg)
+
+
+def build_module(
+    cfg: DictConfig,
+    datamodule: TensorDataModule,
+    student: nn.Module,
+    algorithm: Algorithm,
+    scheme: Scheme,
+    optim_cfg: DictConfig,
+    teacher: nn.Module | None,
+) -> DistillationModule:
+    return DistillationModule(
+        student=student,
+        algorithm=algorithm,
+        scheme=scheme,
+        teacher=teacher,
+        optimizer=build(optim_cfg.optimizer, _partial_=True),
+        scheduler=build(optim_cfg.scheduler, _partial_=True) if optim_cfg.get("scheduler") else None,
+        example_input=datamodule.example_input(),
+        num_classes=datamodule.num_classes,
+        config_hash=config_hash(cfg),
+    )
+
+
+def build_trainer(
+    trainer_cfg: DictConfig,
+    callbacks: list[L.Callback],
+    loggers: list[Logger] | bool,
+    **overrides: Any,
+) -> L.Trainer:
+    spec = to_dict(trainer_cfg)
+    if spec.get("enable_progress_bar") is None:  # a bar in a terminal, compact epoch lines otherwise
+        spec["enable_progress_bar"] = sys.stderr.isatty()
+    spec.update(overrides)
+    return instantiate(spec, callbacks=callbacks, logger=loggers)
+
+
+def build_callbacks(cfg: DictConfig | None) -> list[L.Callback]:
+    return [instantiate(spec) for spec in to_dict(cfg).values() if spec and "_target_" in spec]

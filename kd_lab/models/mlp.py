@@ -1,0 +1,22 @@
+"""Multi-layer perceptron over a flattened input (MNIST-1D signals are ``(B, 1, 40)``)."""
+
+from collections.abc import Sequence
+from math import prod
+
+from torch import Tensor, nn
+
+
+class MLP(nn.Module):
+    """``layers.<i>`` are Linear-ReLU blocks (tap them by that path), ``head`` gives the logits."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128, 128)):
+        super().__init__()
+        widths = [prod(input_shape), *hidden]
+        self.flatten = nn.Flatten()
+        self.layers = nn.Sequential(
+            *(nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(widths[:-1], widths[1:], strict=True))
+        )
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.layers(self.flatten(x)))

@@ -1,0 +1,84 @@
+"""Record intermediate outputs of any ``nn.Module`` by dotted module path, with forward hooks.
+
+Models never change their ``forward`` to expose features: a method names the paths it needs
+(``"blocks.2"``, ``"layers.0"``; ``"."`` is the model's own output), the recorder validates them when the run
+is built, and hooks exist only inside a ``with`` block (torchdistill's io-dict by module path; mmrazor's
+recorder). Shapes are probed with one forward on an example batch, so connectors are built from them and a
+user never types a channel count.
+"""
+
+import difflib
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from kd_lab.errors import KDLabError
+
+SELF = "."
+
+
+def resolve_module(model: nn.Module, path: str, role: str = "model") -> nn.Module:
+    """``model.get_submodule(path)`` with an error that names the nearest valid paths."""
+    if path == SELF:
+        return model
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        names = [name for name, _ in model.named_modules() if name]
+        near = difflib.get_close_matches(path, names, n=5, cutoff=0.4) or names[:8]
+        raise KDLabError(
+            f"{role} ({type(model).__name__}) has no module at path '{path}'. "
+            f"Nearest valid paths: {near}. Use one of them (or '.' for the model output)."
+        ) from None
+
+
+class FeatureRecorder:
+    """``with recorder: model(x)`` fills ``recorder.features[path]``; hooks are removed on exit."""
+
+    def __init__(self, model: nn.Module, paths: Iterable[str], role: str = "model"):
+        self.paths = list(dict.fromkeys(paths))  # unique, in order
+        self.modules = {path: resolve_module(model, path, role) for path in self.paths}
+        self.features: dict[str, Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, path: str):
+        def record(_module: nn.Module, _inputs, output) -> None:
+            self.features[path] = output
+
+        return record
+
+    def __enter__(self) -> "FeatureRecorder":
+        self.features = {}
+        self._handles = [m.register_forward_hook(self._hook(p)) for p, m in self.modules.items()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+
+def record(model: nn.Module, paths: Iterable[str], x: Tensor, role: str = "model") -> tuple[Tensor, dict[str, Tensor]]:
+    """One forward that returns ``(output, {path: feature})``."""
+    recorder = FeatureRecorder(model, paths, role)
+    with recorder:
+        out = model(x)
+    return out, recorder.features
+
+
+@torch.no_grad()
+def probe_shapes(model: nn.Module, paths: Iterable[str], example: Tensor, role: str = "model") -> dict[str, torch.Size]:
+    """Shapes (batch axis included) of the outputs at ``paths`` for ``example``, in eval mode so that
+    normalization statistics are left untouched; the model's train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        _, feats = record(model, paths, example, role)
+    finally:
+        model.train(was_training)
+    return {path: f.shape for path, f in feats.items()}

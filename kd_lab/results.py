@@ -1,0 +1,32 @@
+"""``<run_dir>/results.json``: everything a comparison needs about one run, written atomically.
+
+Two reporting protocols are recorded side by side because the benchmarks disagree (RepDistiller reports the
+last epoch, mdistiller the best; RD#16, MD#30): ``best`` holds the test metrics of the weights with the best
+*validation* accuracy, ``last`` those of the final weights. Test accuracy never selects anything.
+"""
+
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from kd_lab.utils.io import atomic_write_json
+
+PACKAGES = ("kd-lab", "torch", "lightning", "hydra-core", "omegaconf", "torchmetrics", "wandb", "mnist1d", "numpy")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
+    path = Path(run_dir) / "results.json"
+    atomic_write_json({**results, "versions": package_versions()}, path)
+    return path

@@ -1,0 +1,25 @@
+"""Schemes, and the one place that declares which algorithms fit which scheme."""
+
+from kd_lab.errors import KDLabError
+from kd_lab.schemes.base import Scheme
+from kd_lab.schemes.offline import Offline
+
+# scheme name -> algorithm names it can run. An algorithm missing here cannot run under that scheme.
+COMPATIBLE: dict[str, frozenset[str]] = {
+    "offline": frozenset({"none", "kd"}),
+}
+
+
+def check_compatible(algorithm: str, scheme: str) -> None:
+    if scheme not in COMPATIBLE:
+        raise KDLabError(f"unknown scheme '{scheme}'; valid schemes: {sorted(COMPATIBLE)}.")
+    if algorithm not in COMPATIBLE[scheme]:
+        fits = sorted(s for s, algs in COMPATIBLE.items() if algorithm in algs)
+        raise KDLabError(
+            f"algorithm '{algorithm}' cannot run under scheme '{scheme}'. "
+            f"Under '{scheme}' pick one of {sorted(COMPATIBLE[scheme])}"
+            + (f", or run '{algorithm}' with scheme={'|'.join(fits)}." if fits else ".")
+        )
+
+
+__all__ = ["COMPATIBLE", "Offline", "Scheme", "check_compatible"]

@@ -1,0 +1,125 @@
+"""The teacher store: an offline teacher is loaded from ``teacher.ckpt_path`` or trained once and cached.
+
+The cache key hashes what determines the teacher: its model, optimizer and schedule, epochs, seed and the
+data config (minus where the data lives). A sweep over students, algorithms and their seeds therefore trains
+each teacher once. An entry is a directory written under a temporary name and renamed when complete, so a
+killed training leaves nothing a later run trusts; a file lock makes concurrent runs that need the same
+teacher train it once (the others wait, then reuse it).
+"""
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from filelock import FileLock
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig
+from torch import nn
+
+from kd_lab.algorithms.none import NoDistillation
+from kd_lab.builders import build_model, build_module, build_trainer, to_dict
+from kd_lab.callbacks import EpochSummary
+from kd_lab.checkpoints import load_weights
+from kd_lab.data.base import TensorDataModule
+from kd_lab.module import check_logits, count_parameters
+from kd_lab.schemes.offline import Offline
+from kd_lab.utils.io import atomic_torch_save, atomic_write_json
+
+log = logging.getLogger(__name__)
+KEY_VERSION = 1
+DATA_KEYS_IGNORED = ("data_dir", "eval_batch_size")  # where the data lives and eval batching: not the teacher
+
+
+def teacher_key(cfg: DictConfig) -> str:
+    t = cfg.teacher
+    data = {k: v for k, v in to_dict(cfg.data).items() if k not in DATA_KEYS_IGNORED}
+    spec = {
+        "version": KEY_VERSION,
+        "model": to_dict(t.model),
+        "optim": to_dict(t.optim),
+        "max_epochs": t.max_epochs,
+        "seed": t.seed,
+        "data": data,
+        # trainer settings that change what the teacher learns (a fast_dev_run teacher is not a teacher)
+        "trainer": {k: cfg.trainer.get(k) for k in ("fast_dev_run", "limit_train_batches", "precision")},
+    }
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _global_rank() -> int:
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def resolve_teacher(cfg: DictConfig, datamodule: TensorDataModule) -> tuple[nn.Module, dict[str, Any]]:
+    """The teacher model with its weights, and what the run should record about it."""
+    t = cfg.teacher
+    model = build_model(t.model)
+    check_logits(model, datamodule.example_input(), datamodule.num_classes, "teacher")
+    info: dict[str, Any] = {"name": t.name, "params": count_parameters(model)}
+    if t.get("ckpt_path"):
+        load_weights(model, t.ckpt_path, "teacher")
+        log.info("Teacher %s loaded from %s", t.name, t.ckpt_path)
+        return model, {**info, "source": "checkpoint", "path": str(t.ckpt_path)}
+
+    key = teacher_key(cfg)
+    entry = Path(cfg.paths.teacher_store) / f"{t.name}-{key}"
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    # Rank > 0 of a DDP job must not take the lock: rank 0 holds it while they train in lockstep.
+    lock = FileLock(str(entry) + ".lock") if _global_rank() == 0 else None
+    if lock:
+        lock.acquire()
+    try:
+        if (entry / "meta.json").is_file():
+            meta = json.loads((entry / "meta.json").read_text())
+            load_weights(model, entry / "teacher.pt", "teacher")
+            log.info(
+                "Reusing cached teacher %s (key %s, test acc %.4f) from %s",
+                t.name, key, meta["metrics"].get("test/acc", float("nan")), entry,
+            )  # fmt: skip
+            return model, {**info, "source": "cache", "reused": True, "path": str(entry), "key": key, **meta}
+        meta = train_teacher(cfg, model, datamodule, entry)
+        return model, {**info, "source": "cache", "reused": False, "path": str(entry), "key": key, **meta}
+    finally:
+        if lock:
+            lock.release()
+
+
+def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModule, entry: Path) -> dict[str, Any]:
+    t = cfg.teacher
+    log.info("No cached teacher %s at %s: training it for %d epochs", t.name, entry, t.max_epochs)
+    staging = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    L.seed_everything(t.seed, workers=True, verbose=False)
+    module = build_module(cfg, datamodule, model, NoDistillation(), Offline(), t.optim, teacher=None)
+    is_zero = _global_rank() == 0
+    trainer = build_trainer(
+        cfg.trainer,
+        callbacks=[EpochSummary(every=max(1, t.max_epochs // 5))],
+        loggers=[CSVLogger(staging, name="", version="")] if is_zero else False,
+        max_epochs=t.max_epochs,
+        enable_checkpointing=False,
+        default_root_dir=str(staging),
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metrics.update({k: float(v) for k, v in trainer.test(module, datamodule, verbose=False)[0].items()})
+    meta = {"metrics": metrics, "train_seconds": time.perf_counter() - start, "config": to_dict(t)}
+    if is_zero:
+        atomic_torch_save(model.state_dict(), staging / "teacher.pt")
+        atomic_write_json(meta, staging / "meta.json")
+        try:
+            os.replace(staging, entry)
+        except OSError:  # another writer finished first: theirs is as good as ours
+            shutil.rmtree(staging, ignore_errors=True)
+    log.info("Teacher %s trained: test acc %.4f, cached at %s", t.name, metrics.get("test/acc", float("nan")), entry)
+    return meta

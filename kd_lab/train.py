@@ -1,0 +1,149 @@
+"""``kd-lab``: the Hydra app. ``main`` only calls ``train(cfg)``, a plain function that tests call directly.
+
+One run: seed -> data -> teacher (loaded, reused from the store, or trained and cached) -> student,
+algorithm, scheme -> DistillationModule -> fit -> test the last and the best-validation weights ->
+``results.json`` and a short summary.
+"""
+
+import logging
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+
+from kd_lab.builders import (
+    build,
+    build_callbacks,
+    build_datamodule,
+    build_model,
+    build_module,
+    build_trainer,
+    to_dict,
+)
+from kd_lab.ddp import patch_lightning_hydra_launcher
+from kd_lab.loggers import build_loggers, finish_loggers, quiet_lightning_console
+from kd_lab.module import count_parameters
+from kd_lab.results import write_results
+from kd_lab.schemes import check_compatible
+from kd_lab.teacher_store import resolve_teacher
+
+log = logging.getLogger(__name__)
+
+
+def _test(trainer: L.Trainer, module, datamodule, ckpt_path: str | None, suffix: str) -> dict[str, float]:
+    module.test_suffix = suffix
+    metrics = trainer.test(module, datamodule, ckpt_path=ckpt_path, verbose=False)[0]
+    return {k.replace(suffix, "") if suffix else k: float(v) for k, v in metrics.items()}
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train one student as ``cfg`` says; returns ``(results, objects)``."""
+    start = time.perf_counter()
+    run_dir = Path(cfg.paths.output_dir)
+    check_compatible(cfg.algorithm.name, cfg.scheme.name)
+    results: dict[str, Any] = {
+        "status": "running",
+        "seed": cfg.seed,
+        "config": to_dict(cfg),
+        "names": {g: cfg[g].name for g in ("data", "teacher", "student", "algorithm", "scheme") if cfg.get(g)},
+        "experiment": cfg.experiment_name,
+    }
+    loggers: list = []
+    trainer = None
+    try:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        datamodule = build_datamodule(cfg)
+        teacher, results["teacher"] = resolve_teacher(cfg, datamodule) if cfg.get("teacher") else (None, {})
+
+        L.seed_everything(cfg.seed, workers=True, verbose=False)  # same student init, cached teacher or not
+        student = build_model(cfg.student.model)
+        algorithm = build(cfg.algorithm)
+        scheme = build(cfg.scheme)
+        module = build_module(cfg, datamodule, student, algorithm, scheme, cfg.optim, teacher)
+
+        loggers = build_loggers(cfg.get("logger"))
+        trainer = build_trainer(cfg.trainer, build_callbacks(cfg.get("callbacks")), loggers or False)
+        for logger in loggers:
+            logger.log_hyperparams(results["config"])
+        results["params"] = {
+            "student": count_parameters(student),
+            "teacher": count_parameters(teacher) if teacher is not None else None,
+            "algorithm": count_parameters(algorithm),
+        }
+        if teacher is not None:
+            results["params"]["compression"] = results["params"]["teacher"] / results["params"]["student"]
+        results["world_size"] = trainer.world_size
+
+        fit_start = time.perf_counter()
+        trainer.fit(module, datamodule, ckpt_path=cfg.get("ckpt_path"))
+        results["fit_seconds"] = time.perf_counter() - fit_start
+
+        results["last"] = _test(trainer, module, datamodule, None, "_last")
+        results["last"]["epoch"] = trainer.current_epoch - 1
+        best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best_path:
+            results["best"] = _test(trainer, module, datamodule, best_path, "")
+            results["best"]["epoch"] = module.best_val_epoch
+            results["best"]["val/acc"] = float(module.val_acc_best.compute())
+        else:  # no checkpoint (fast_dev_run, checkpointing off): the last weights are all there is
+            results["best"] = dict(results["last"])
+        for logger in loggers:
+            logger.log_metrics({"params/student": results["params"]["student"]})
+        results["status"] = "finished"
+        return results, {"trainer": trainer, "module": module, "datamodule": datamodule, "teacher": teacher}
+    except BaseException as e:
+        results["status"] = "failed"
+        results["error"] = f"{type(e).__name__}: {e}"
+        results["traceback"] = traceback.format_exc()
+        raise
+    finally:
+        results["wall_seconds"] = time.perf_counter() - start
+        if trainer is None or trainer.is_global_zero:
+            path = write_results(run_dir, results)
+            if results["status"] == "finished":
+                log.info(summary(results, path))
+        finish_loggers(loggers)
+
+
+def summary(results: dict[str, Any], path: Path) -> str:
+    names = results["names"]
+    best, teacher = results["best"], results.get("teacher") or {}
+    lines = [
+        f"{names.get('algorithm')} ({names.get('scheme')}): {names.get('student')} <- {names.get('teacher', '-')}"
+        f" on {names.get('data')}, seed {results['seed']}",
+        f"  student test acc {best['test/acc']:.4f} at best val epoch {best.get('epoch')}"
+        f" | {results['last']['test/acc']:.4f} at last epoch",
+    ]
+    if "test/teacher_acc" in best:
+        lines.append(
+            f"  teacher test acc {best['test/teacher_acc']:.4f} ({'reused' if teacher.get('reused') else teacher.get('source')})"
+            f" | agreement {best['test/agreement']:.4f} | KL to teacher {best['test/kl_to_teacher']:.4f}"
+        )
+    p = results["params"]
+    lines.append(
+        f"  params: student {p['student']:,}"
+        + (f", teacher {p['teacher']:,} ({p['compression']:.1f}x)" if p.get("teacher") else "")
+        + f" | {results['wall_seconds']:.1f}s | {path}"
+    )
+    return "\n".join(lines)
+
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repo's conf/ (editable install)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch 2.13 + Lightning 2.6 noise, every fit
+    quiet_lightning_console()
+    patch_lightning_hydra_launcher()
+    results, _ = train(cfg)
+    return results["best"].get("val/acc")  # what a sweeper optimizes: validation, never test
+
+
+if __name__ == "__main__":
+    main()
