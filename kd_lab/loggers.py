@@ -58,7 +58,7 @@ def wandb_mode(requested: str | None) -> str:
 
 def build_loggers(cfg: DictConfig | None) -> list[Logger]:
     loggers: list[Logger] = []
-    for name, spec in (cfg or {}).items():
+    for _name, spec in (cfg or {}).items():
         if not spec or "_target_" not in spec:
             continue
         if spec["_target_"].endswith("WandbLogger"):

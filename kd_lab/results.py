@@ -5,6 +5,7 @@ last epoch, mdistiller the best; RD#16, MD#30): ``best`` holds the test metrics 
 *validation* accuracy, ``last`` those of the final weights. Test accuracy never selects anything.
 """
 
+import contextlib
 import platform
 import sys
 from importlib import metadata
@@ -19,10 +20,8 @@ PACKAGES = ("kd-lab", "torch", "lightning", "hydra-core", "omegaconf", "torchmet
 def package_versions() -> dict[str, str]:
     versions = {"python": sys.version.split()[0], "platform": platform.platform()}
     for name in PACKAGES:
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
     return versions
 
 

@@ -120,8 +120,9 @@ def summary(results: dict[str, Any], path: Path) -> str:
         f" | {results['last']['test/acc']:.4f} at last epoch",
     ]
     if "test/teacher_acc" in best:
+        origin = {True: "reused from the store", False: "trained now"}.get(teacher.get("reused"), teacher.get("source"))
         lines.append(
-            f"  teacher test acc {best['test/teacher_acc']:.4f} ({'reused' if teacher.get('reused') else teacher.get('source')})"
+            f"  teacher test acc {best['test/teacher_acc']:.4f} ({origin})"
             f" | agreement {best['test/agreement']:.4f} | KL to teacher {best['test/kl_to_teacher']:.4f}"
         )
     p = results["params"]

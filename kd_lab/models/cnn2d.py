@@ -1,5 +1,6 @@
 """Small 2-D CNN for small images (scikit-learn's 8x8 ``digits``)."""
 
+import itertools
 from collections.abc import Sequence
 
 from torch import Tensor, nn
@@ -18,7 +19,7 @@ class CNN2d(nn.Module):
                     nn.BatchNorm2d(b),
                     nn.ReLU(),
                 )
-                for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True))
+                for i, (a, b) in enumerate(itertools.pairwise(widths))
             )
         )
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -1,5 +1,6 @@
 """Multi-layer perceptron over a flattened input (MNIST-1D signals are ``(B, 1, 40)``)."""
 
+import itertools
 from collections.abc import Sequence
 from math import prod
 
@@ -13,9 +14,7 @@ class MLP(nn.Module):
         super().__init__()
         widths = [prod(input_shape), *hidden]
         self.flatten = nn.Flatten()
-        self.layers = nn.Sequential(
-            *(nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in zip(widths[:-1], widths[1:], strict=True))
-        )
+        self.layers = nn.Sequential(*(nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in itertools.pairwise(widths)))
         self.head = nn.Linear(widths[-1], num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
