@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd_lab.errors import KDLabError
+from kd_lab.errors import KDLabError, brief
 
 
 def read_state_dict(path: str | Path, role: str = "teacher") -> dict[str, torch.Tensor]:
@@ -21,7 +21,7 @@ def read_state_dict(path: str | Path, role: str = "teacher") -> dict[str, torch.
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise KDLabError(
-            f"{role} checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}): it is truncated, "
+            f"{role} checkpoint {path} cannot be read ({brief(e)}): it is truncated, "
             "corrupt or not a torch checkpoint. Re-create it, or set ckpt_path=null to retrain."
         ) from e
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None

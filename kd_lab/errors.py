@@ -7,3 +7,9 @@ class KDLabError(Exception):
 
 class NonFiniteLossError(KDLabError):
     """A loss term became NaN or Inf during training."""
+
+
+def brief(e: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters, for one-sentence errors."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:limit]}"

@@ -33,7 +33,8 @@ from kd_lab.utils.io import atomic_torch_save, atomic_write_json
 
 log = logging.getLogger(__name__)
 KEY_VERSION = 1
-DATA_KEYS_IGNORED = ("data_dir", "eval_batch_size")  # where the data lives and eval batching: not the teacher
+# where the data lives, eval batching and the run's seed (the teacher's data order follows teacher.seed)
+DATA_KEYS_IGNORED = ("data_dir", "eval_batch_size", "seed")
 
 
 def teacher_key(cfg: DictConfig) -> str:
@@ -110,9 +111,13 @@ def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModul
         default_root_dir=str(staging),
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    metrics.update({k: float(v) for k, v in trainer.test(module, datamodule, verbose=False)[0].items()})
+    run_seed, datamodule.seed = datamodule.seed, t.seed  # the teacher does not depend on the student's seed
+    try:
+        trainer.fit(module, datamodule)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics.update({k: float(v) for k, v in trainer.test(module, datamodule, verbose=False)[0].items()})
+    finally:
+        datamodule.seed = run_seed
     meta = {"metrics": metrics, "train_seconds": time.perf_counter() - start, "config": to_dict(t)}
     if is_zero:
         atomic_torch_save(model.state_dict(), staging / "teacher.pt")

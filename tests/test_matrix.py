@@ -1,0 +1,44 @@
+"""Every algorithm x scheme pair: valid ones run a fast_dev_run, invalid ones fail at build time."""
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from kd_lab.errors import KDLabError
+from kd_lab.schemes import COMPATIBLE, check_compatible
+from kd_lab.train import CONFIG_DIR, train
+
+ALGORITHMS = sorted(p.stem for p in Path(CONFIG_DIR, "algorithm").glob("*.yaml"))
+SCHEMES = sorted(p.stem for p in Path(CONFIG_DIR, "scheme").glob("*.yaml"))
+PAIRS = list(itertools.product(ALGORITHMS, SCHEMES))
+VALID = [(a, s) for a, s in PAIRS if a in COMPATIBLE.get(s, ())]
+INVALID = [(a, s) for a, s in PAIRS if a not in COMPATIBLE.get(s, ())]
+
+
+def test_every_config_is_declared():
+    assert set(SCHEMES) == set(COMPATIBLE)
+    assert set(ALGORITHMS) == set().union(*COMPATIBLE.values())
+
+
+@pytest.mark.parametrize(("algorithm", "scheme"), VALID)
+@pytest.mark.parametrize("student", ["mlp_small", "cnn1d_tiny"])
+def test_fast_dev_run(make_cfg, algorithm, scheme, student):
+    results, objs = train(make_cfg(f"algorithm={algorithm}", f"scheme={scheme}", f"student={student}", "debug=fdr"))
+    assert results["status"] == "finished"
+    assert objs["trainer"].fast_dev_run
+    assert 0.0 <= results["best"]["test/acc"] <= 1.0
+
+
+@pytest.mark.parametrize(("algorithm", "scheme"), INVALID or [pytest.param("-", "-", marks=pytest.mark.skip)])
+def test_invalid_pair_fails_at_build_time(make_cfg, algorithm, scheme, tmp_path):
+    with pytest.raises(KDLabError, match=f"algorithm '{algorithm}' cannot run under scheme '{scheme}'"):
+        train(make_cfg(f"algorithm={algorithm}", f"scheme={scheme}", "debug=fdr"))
+    assert not (tmp_path / "teachers").exists()  # nothing was trained
+
+
+def test_pair_check_names_the_fix():
+    with pytest.raises(KDLabError, match=r"unknown scheme 'onlin'; valid schemes: \['offline'"):
+        check_compatible("kd", "onlin")
+    with pytest.raises(KDLabError, match=r"algorithm 'fitnet' cannot run under scheme 'offline'. Under 'offline' pick"):
+        check_compatible("fitnet", "offline")
