@@ -133,15 +133,17 @@ class DistillationModule(L.LightningModule):
                 "checkpoints and logs written so far are kept."
             )
         n = len(batch["target"])
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n)
+        # epoch means; under DDP they are reduced across ranks once, at the epoch's end
+        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         for name, value in terms.items():
-            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=n)
+            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         logits = self.student(batch["input"])
         self.val_acc.update(logits, batch["target"])
-        self.log("val/loss", cross_entropy(logits, batch), on_epoch=True, batch_size=len(batch["target"]))
+        loss = cross_entropy(logits, batch)
+        self.log("val/loss", loss, on_epoch=True, batch_size=len(batch["target"]), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()
@@ -151,8 +153,9 @@ class DistillationModule(L.LightningModule):
         if self.best_val_epoch < 0 or acc > self.val_acc_best.compute():
             self.best_val_epoch = self.current_epoch
         self.val_acc_best.update(acc)
-        self.log("val/acc", acc, sync_dist=False)  # torchmetrics already synced across ranks
-        self.log("val/acc_best", self.val_acc_best.compute())
+        # values from compute() are already global; sync_dist averages identical numbers (and keeps DDP quiet)
+        self.log("val/acc", acc, sync_dist=True)
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x, y = batch["input"], batch["target"]
@@ -170,12 +173,12 @@ class DistillationModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         s = self.test_suffix
-        self.log(f"test/acc{s}", self.test_acc.compute())
+        self.log(f"test/acc{s}", self.test_acc.compute(), sync_dist=True)
         self.test_acc.reset()
         if self.teacher is not None:
-            self.log(f"test/teacher_acc{s}", self.test_teacher_acc.compute())
-            self.log(f"test/agreement{s}", self.test_agreement.compute())
-            self.log(f"test/kl_to_teacher{s}", self.test_kl.compute())
+            self.log(f"test/teacher_acc{s}", self.test_teacher_acc.compute(), sync_dist=True)
+            self.log(f"test/agreement{s}", self.test_agreement.compute(), sync_dist=True)
+            self.log(f"test/kl_to_teacher{s}", self.test_kl.compute(), sync_dist=True)
             for metric in (self.test_teacher_acc, self.test_agreement, self.test_kl):
                 metric.reset()
 

@@ -25,7 +25,7 @@ from kd_lab.builders import (
     build_trainer,
     to_dict,
 )
-from kd_lab.ddp import patch_lightning_hydra_launcher
+from kd_lab.ddp import job_scope, patch_lightning_hydra_launcher
 from kd_lab.loggers import build_loggers, finish_loggers, quiet_lightning_console
 from kd_lab.module import count_parameters
 from kd_lab.results import write_results
@@ -142,7 +142,8 @@ def main(cfg: DictConfig) -> float | None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch 2.13 + Lightning 2.6 noise, every fit
     quiet_lightning_console()
     patch_lightning_hydra_launcher()
-    results, _ = train(cfg)
+    with job_scope():  # one job of a multirun must not leak its DDP state into the next
+        results, _ = train(cfg)
     return results["best"].get("val/acc")  # what a sweeper optimizes: validation, never test
 
 

@@ -18,9 +18,10 @@ def test_batches_cover_the_data_once_per_epoch():
 
 def test_order_is_a_function_of_seed_and_epoch():
     epoch = {"e": 0}
-    make = lambda seed: TensorBatches(
-        tensors(), 4, shuffle=True, drop_last=True, seed=seed, epoch_fn=lambda: epoch["e"]
-    )  # noqa: E731
+
+    def make(seed):
+        return TensorBatches(tensors(), 4, shuffle=True, drop_last=True, seed=seed, epoch_fn=lambda: epoch["e"])
+
     first = [b["index"].tolist() for b in make(0)]
     assert first == [b["index"].tolist() for b in make(0)]
     assert first != [b["index"].tolist() for b in make(1)]
@@ -82,7 +83,7 @@ def test_corrupt_mnist1d_cache_is_a_clear_error(tmp_path):
     dm = MNIST1dDataModule(data_dir=str(tmp_path), num_classes=10, input_shape=(1, 40))
     dm.cache_file.parent.mkdir(parents=True)
     dm.cache_file.write_bytes(b"not a torch file")
-    with pytest.raises(KDLabError, match="unreadable.*delete it"):
+    with pytest.raises(KDLabError, match=r"unreadable.*delete it"):
         dm.setup()
 
 

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_teacher_is_trained_once_then_reused(make_cfg, caplog):
 def test_teacher_from_checkpoint(make_cfg, tmp_path):
     first, _ = train(make_cfg(run="a"))
     ckpt = f"{first['teacher']['path']}/teacher.pt"
-    results, objs = train(make_cfg(f"teacher.ckpt_path={ckpt}", "teacher.max_epochs=99", run="b"))
+    results, _ = train(make_cfg(f"teacher.ckpt_path={ckpt}", "teacher.max_epochs=99", run="b"))
     assert results["teacher"]["source"] == "checkpoint"
     assert results["best"]["test/teacher_acc"] == pytest.approx(first["best"]["test/teacher_acc"])
     # a kd-lab run's own checkpoint (student.* keys) works as a teacher too
@@ -66,7 +67,7 @@ def test_corrupt_teacher_checkpoint_and_nothing_written_is_lost(make_cfg, tmp_pa
     entry = first["teacher"]["path"]
     good = (tmp_path / "a" / "results.json").read_bytes()
     truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(open(f"{entry}/teacher.pt", "rb").read()[:100])
+    truncated.write_bytes((Path(entry) / "teacher.pt").read_bytes()[:100])
     with pytest.raises(KDLabError, match="truncated, corrupt or not a torch checkpoint"):
         train(make_cfg(f"teacher.ckpt_path={truncated}", run="b"))
     assert (tmp_path / "a" / "results.json").read_bytes() == good

@@ -10,7 +10,7 @@ from kd_lab.train import train
 
 
 def test_results_json_records_the_run(make_cfg, tmp_path):
-    results, _ = train(make_cfg("callbacks=default", "seed=3"))
+    train(make_cfg("callbacks=default", "seed=3"))
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["status"] == "finished" and saved["seed"] == 3
     assert saved["config"]["algorithm"]["temperature"] == 4.0  # the resolved config

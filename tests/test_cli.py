@@ -1,0 +1,71 @@
+"""The `kd-lab` command: help, config printing, DDP and multirun. Subprocesses (slow: ~5 s each to start)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FAST = ["data=fake", "teacher=mlp_large", "student=mlp_small", "teacher.max_epochs=2", "trainer.max_epochs=2"]
+
+
+def kd_lab(tmp_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KD_LAB_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "kd_lab.train", *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_help_lists_the_config_groups(tmp_path):
+    out = kd_lab(tmp_path, "--help").stdout
+    for group in ("data", "teacher", "student", "algorithm", "scheme", "optim", "trainer", "logger", "callbacks",
+                  "paths", "experiment", "debug"):  # fmt: skip
+        assert f"\n{group}: " in out, group
+    assert "hydra: default" in out and "kd-lab -m algorithm=none,kd seed=0,1,2" in out
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    out = kd_lab(tmp_path, "--cfg", "job", "algorithm.temperature=2").stdout
+    assert "temperature: 2" in out and "_target_: kd_lab.algorithms.KD" in out and "name: mnist1d" in out
+
+
+@pytest.mark.slow
+def test_each_run_gets_its_own_directory(tmp_path):
+    kd_lab(tmp_path, *FAST, "logger=none", "seed=0")
+    kd_lab(tmp_path, *FAST, "logger=none", "seed=1")
+    runs = sorted((tmp_path / "logs" / "runs").iterdir())
+    assert len(runs) == 2
+    assert [json.loads((r / "results.json").read_text())["seed"] for r in runs] == [0, 1]
+    assert all((r / ".hydra" / "config.yaml").is_file() for r in runs)
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(tmp_path):
+    kd_lab(tmp_path, *FAST, "trainer=ddp_cpu", "logger=csv")
+    (run,) = (tmp_path / "logs" / "runs").iterdir()
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "finished" and results["world_size"] == 2
+    assert (run / "ddp_rank_1.log").is_file()  # rank 1 ran inside this run's directory
+
+
+@pytest.mark.slow
+def test_multirun_with_ddp_every_rank_trains_the_jobs_config(tmp_path):
+    """Lightning's ddp re-runs argv for rank 1; under -m that would be a sweep of its own. kd-lab re-composes
+    the job's own config instead, and the module checks that every rank hashed the same config."""
+    kd_lab(tmp_path, "-m", *FAST, "trainer=ddp_cpu", "logger=none", "seed=0,1", "optim.optimizer.lr=0.01,0.003")
+    (sweep,) = (tmp_path / "logs" / "multiruns").iterdir()
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(jobs) == 4
+    seen = set()
+    for job in jobs:
+        results = json.loads((job / "results.json").read_text())
+        assert results["status"] == "finished" and results["world_size"] == 2
+        cfg = results["config"]
+        assert f"seed={cfg['seed']}" in job.name and f"lr={cfg['optim']['optimizer']['lr']}" in job.name
+        assert (job / "ddp_rank_1.log").is_file()
+        seen.add((cfg["seed"], cfg["optim"]["optimizer"]["lr"]))
+    assert seen == {(0, 0.01), (0, 0.003), (1, 0.01), (1, 0.003)}
+    assert len(list((tmp_path / "teachers").glob("mlp_large-*/meta.json"))) == 1  # one teacher for the sweep
