@@ -61,6 +61,7 @@ def build_module(
         scheduler=build(optim_cfg.scheduler, _partial_=True) if optim_cfg.get("scheduler") else None,
         example_input=datamodule.example_input(),
         num_classes=datamodule.num_classes,
+        num_train=datamodule.num_train,
         config_hash=config_hash(cfg),
     )
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from kd_lab.algorithms.base import Algorithm, StepOutputs, cross_entropy
+from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs, cross_entropy
 from kd_lab.errors import KDLabError, NonFiniteLossError
 from kd_lab.recorder import FeatureRecorder, probe_shapes
 from kd_lab.schemes.base import Scheme
@@ -48,6 +48,7 @@ class DistillationModule(L.LightningModule):
         optimizer: OptimizerFactory,
         example_input: Tensor,
         num_classes: int,
+        num_train: int = 0,
         teacher: nn.Module | None = None,
         scheduler: SchedulerFactory | None = None,
         config_hash: int = 0,
@@ -69,6 +70,7 @@ class DistillationModule(L.LightningModule):
         else:  # a plain list is not registered: no parameters(), state_dict() or DDP for a frozen teacher
             self.__dict__["teacher"] = teacher
 
+        algorithm.bind(student, teacher)
         self.student_recorder = FeatureRecorder(student, algorithm.student_taps, "student")
         self.teacher_recorder = FeatureRecorder(teacher, algorithm.teacher_taps, "teacher") if teacher else None
         for role, model in (("student", student), ("teacher", teacher)):
@@ -77,6 +79,7 @@ class DistillationModule(L.LightningModule):
         algorithm.build(
             probe_shapes(student, algorithm.student_taps, example_input, "student"),
             probe_shapes(teacher, algorithm.teacher_taps, example_input, "teacher") if teacher else {},
+            BuildContext(num_classes=num_classes, num_train=num_train),
         )
 
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -33,6 +33,38 @@ def resolve_module(model: nn.Module, path: str, role: str = "model") -> nn.Modul
         ) from None
 
 
+TapSpec = str | int
+
+
+def resolve_tap(model: nn.Module, spec: TapSpec, role: str = "model") -> str:
+    """A tap given in config -> a module path.
+
+    ``"blocks.2"``: that path. ``-1`` / ``0`` (an int): the model's ``stage_taps`` by index (deepest = -1).
+    ``"embedding"``: the model's ``embedding_tap`` (the classifier's input). ``"."``: the output.
+    Models of other libraries have no ``stage_taps``: give paths for them.
+    """
+    if isinstance(spec, int):
+        stages = getattr(model, "stage_taps", None)
+        if not stages:
+            raise KDLabError(
+                f"{role} ({type(model).__name__}) declares no stage_taps, so tap index {spec} means nothing; "
+                f"give module paths instead, e.g. one of {[n for n, _ in model.named_modules() if n][:8]}."
+            )
+        if not -len(stages) <= spec < len(stages):
+            raise KDLabError(f"{role} has {len(stages)} stages {stages}; tap index {spec} is out of range.")
+        return stages[spec]
+    if spec == "embedding":
+        path = getattr(model, "embedding_tap", None)
+        if path is None:
+            raise KDLabError(
+                f"{role} ({type(model).__name__}) declares no embedding_tap; give the module path of its "
+                "penultimate features instead."
+            )
+        return path
+    resolve_module(model, spec, role)
+    return spec
+
+
 class FeatureRecorder:
     """``with recorder: model(x)`` fills ``recorder.features[path]``; hooks are removed on exit."""
 

@@ -65,3 +65,18 @@ def test_any_module_can_be_recorded():
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
     _, feats = record(model, ["1"], torch.randn(5, 4))
     assert feats["1"].shape == (5, 3)
+
+
+def test_tap_specs_resolve_to_paths():
+    from kd_lab.recorder import resolve_tap
+
+    model = cnn()
+    assert resolve_tap(model, -1) == "blocks.2" and resolve_tap(model, 0) == "blocks.0"
+    assert resolve_tap(model, "embedding") == "pool" and resolve_tap(model, "head") == "head"
+    assert resolve_tap(MLP(input_shape=(1, 40), num_classes=10, hidden=(8, 8)), "embedding") == "layers.1"
+    with pytest.raises(KDLabError, match="3 stages"):
+        resolve_tap(model, 5)
+    with pytest.raises(KDLabError, match="declares no stage_taps"):
+        resolve_tap(nn.Sequential(nn.Linear(2, 2)), -1, "teacher")
+    with pytest.raises(KDLabError, match="no module at path 'blcks.0'"):
+        resolve_tap(model, "blcks.0")

@@ -30,6 +30,14 @@ class StepOutputs:
         return self.batch["target"]
 
 
+@dataclass(frozen=True)
+class BuildContext:
+    """What an algorithm may need to know about the data when it builds its parts."""
+
+    num_classes: int
+    num_train: int  # training-set size: memory banks (CRD) are indexed by the global sample index
+
+
 def cross_entropy(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
     """Cross-entropy with the batch's labels; with mixup, the mix of the two labels' losses."""
     if "mix_lam" not in batch:
@@ -56,7 +64,13 @@ class Algorithm(nn.Module):
     def teacher_taps(self) -> list[str]:
         return []
 
-    def build(self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size]) -> None:
+    def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Resolve configured tap specs (indices, "embedding", paths; ``kd_lab.recorder.resolve_tap``) into
+        the module paths that ``student_taps`` / ``teacher_taps`` return. Called before shapes are probed."""
+
+    def build(
+        self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size], context: BuildContext
+    ) -> None:
         """Create connectors from probed shapes (batch axis included). Raise ``KDLabError`` for a pair the
         method cannot bridge, saying why and what to pick instead."""
 

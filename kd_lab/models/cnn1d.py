@@ -38,5 +38,15 @@ class CNN1d(nn.Module):
         self.pool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(widths[-1], num_classes)
 
+    @property
+    def stage_taps(self) -> list[str]:
+        """Feature maps, shallow to deep (algorithms select them by index: -1 is the deepest)."""
+        return [f"blocks.{i}" for i in range(len(self.blocks))]
+
+    @property
+    def embedding_tap(self) -> str:
+        """The penultimate representation (pooled features, the classifier's input)."""
+        return "pool"
+
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.pool(self.blocks(x)).flatten(1))

@@ -17,5 +17,15 @@ class MLP(nn.Module):
         self.layers = nn.Sequential(*(nn.Sequential(nn.Linear(a, b), nn.ReLU()) for a, b in itertools.pairwise(widths)))
         self.head = nn.Linear(widths[-1], num_classes)
 
+    @property
+    def stage_taps(self) -> list[str]:
+        """Feature taps, shallow to deep (algorithms select them by index: -1 is the deepest)."""
+        return [f"layers.{i}" for i in range(len(self.layers))]
+
+    @property
+    def embedding_tap(self) -> str:
+        """The penultimate representation (input of the classifier)."""
+        return self.stage_taps[-1] if len(self.layers) else "flatten"
+
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.layers(self.flatten(x)))
