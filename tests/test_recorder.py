@@ -78,5 +78,5 @@ def test_tap_specs_resolve_to_paths():
         resolve_tap(model, 5)
     with pytest.raises(KDLabError, match="declares no stage_taps"):
         resolve_tap(nn.Sequential(nn.Linear(2, 2)), -1, "teacher")
-    with pytest.raises(KDLabError, match="no module at path 'blcks.0'"):
+    with pytest.raises(KDLabError, match=r"no module at path 'blcks\.0'"):
         resolve_tap(model, "blcks.0")
