@@ -62,6 +62,7 @@ def build_module(
         example_input=datamodule.example_input(),
         num_classes=datamodule.num_classes,
         num_train=datamodule.num_train,
+        train_targets=datamodule.train_targets,
         config_hash=config_hash(cfg),
     )
 

@@ -49,6 +49,7 @@ class DistillationModule(L.LightningModule):
         example_input: Tensor,
         num_classes: int,
         num_train: int = 0,
+        train_targets: Tensor | None = None,
         teacher: nn.Module | None = None,
         scheduler: SchedulerFactory | None = None,
         config_hash: int = 0,
@@ -79,7 +80,7 @@ class DistillationModule(L.LightningModule):
         algorithm.build(
             probe_shapes(student, algorithm.student_taps, example_input, "student"),
             probe_shapes(teacher, algorithm.teacher_taps, example_input, "teacher") if teacher else {},
-            BuildContext(num_classes=num_classes, num_train=num_train),
+            BuildContext(num_classes=num_classes, num_train=num_train, train_targets=train_targets),
         )
 
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -36,6 +36,7 @@ class BuildContext:
 
     num_classes: int
     num_train: int  # training-set size: memory banks (CRD) are indexed by the global sample index
+    train_targets: torch.Tensor | None = None  # label of each training index (class-aware negative sampling)
 
 
 def cross_entropy(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:

@@ -6,7 +6,12 @@ from kd_lab.schemes.offline import Offline
 
 # scheme name -> algorithm names it can run. An algorithm missing here cannot run under that scheme.
 COMPATIBLE: dict[str, frozenset[str]] = {
-    "offline": frozenset({"none", "kd"}),
+    "offline": frozenset(
+        {
+            "none",
+            "kd",
+        }
+    ),
 }
 
 
