@@ -50,16 +50,22 @@ def build_module(
     algorithm: Algorithm,
     scheme: Scheme,
     optim_cfg: DictConfig,
-    teacher: nn.Module | None,
+    teachers: list[nn.Module],
+    trains_a_teacher: bool = False,
 ) -> DistillationModule:
+    """``trains_a_teacher``: the model being trained is a teacher, so it reads the teacher's modality."""
+    student_key = datamodule.teacher_input_key if trains_a_teacher else "input"
     return DistillationModule(
         student=student,
         algorithm=algorithm,
         scheme=scheme,
-        teacher=teacher,
+        teachers=teachers,
         optimizer=build(optim_cfg.optimizer, _partial_=True),
         scheduler=build(optim_cfg.scheduler, _partial_=True) if optim_cfg.get("scheduler") else None,
-        example_input=datamodule.example_input(),
+        example_input=datamodule.example_input(student_key),
+        teacher_example_input=datamodule.example_input(datamodule.teacher_input_key),
+        input_key=student_key,
+        teacher_input_key=datamodule.teacher_input_key,
         num_classes=datamodule.num_classes,
         num_train=datamodule.num_train,
         train_targets=datamodule.train_targets,

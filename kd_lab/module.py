@@ -1,8 +1,9 @@
-"""``DistillationModule``: teacher + student + algorithm + scheme as one LightningModule.
+"""``DistillationModule``: teacher(s) + student + algorithm + scheme as one LightningModule.
 
-One training step: (teacher forward, recording the teacher taps) -> student forward (recording the student
-taps) -> ``algorithm(outputs)`` -> a dict of weighted loss terms, summed. The scheme decides whether the
-teacher learns; the algorithm decides what is compared; the module only wires them and keeps the metrics.
+One training step: teacher forwards (recording the teacher taps) -> student forward (recording the
+student taps) -> ``algorithm(outputs)`` -> a dict of weighted loss terms, summed. The scheme decides
+whether teachers learn; the algorithm decides what is compared (and, for adversarial methods, owns a second
+optimizer); the module only wires them and keeps the metrics.
 """
 
 import math
@@ -39,6 +40,15 @@ def check_logits(model: nn.Module, example: Tensor, num_classes: int, role: str)
         )
 
 
+def check_finite(terms: dict[str, Tensor], loss: Tensor, where: str) -> None:
+    if not torch.isfinite(loss):
+        bad = [name for name, value in terms.items() if not torch.isfinite(value)]
+        raise NonFiniteLossError(
+            f"non-finite loss at {where}: term(s) {bad} = {[float(terms[b]) for b in bad]}. Lower the learning "
+            "rate or that term's weight; checkpoints and logs written so far are kept."
+        )
+
+
 class DistillationModule(L.LightningModule):
     def __init__(
         self,
@@ -50,12 +60,16 @@ class DistillationModule(L.LightningModule):
         num_classes: int,
         num_train: int = 0,
         train_targets: Tensor | None = None,
-        teacher: nn.Module | None = None,
+        teachers: list[nn.Module] | None = None,
         scheduler: SchedulerFactory | None = None,
         config_hash: int = 0,
+        teacher_example_input: Tensor | None = None,
+        input_key: str = "input",
+        teacher_input_key: str = "input",
     ):
         super().__init__()
-        if algorithm.needs_teacher and teacher is None:
+        teachers = [scheme.prepare_teacher(t) for t in teachers or []]
+        if algorithm.needs_teacher and not teachers:
             raise KDLabError(f"algorithm '{algorithm.name}' needs a teacher; configure one (teacher=<name>).")
         self.student = student
         self.algorithm = algorithm
@@ -63,24 +77,31 @@ class DistillationModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.config_hash = config_hash
+        self.input_key, self.teacher_input_key = input_key, teacher_input_key
         self.best_val_epoch = -1
-        if teacher is not None:
-            teacher = scheme.prepare_teacher(teacher)
         if scheme.trains_teacher:
-            self.teacher = teacher
+            self.teachers = nn.ModuleList(teachers)
         else:  # a plain list is not registered: no parameters(), state_dict() or DDP for a frozen teacher
-            self.__dict__["teacher"] = teacher
+            self.__dict__["teachers"] = teachers
+        self.automatic_optimization = not algorithm.manual_optimization
 
-        algorithm.bind(student, teacher)
+        teacher_example = example_input if teacher_example_input is None else teacher_example_input
+        check_logits(student, example_input, num_classes, "student")
+        for i, teacher in enumerate(teachers):
+            check_logits(teacher, teacher_example, num_classes, "teacher" if i == 0 else f"teacher {i}")
+        algorithm.bind(student, self.teacher)
         self.student_recorder = FeatureRecorder(student, algorithm.student_taps, "student")
-        self.teacher_recorder = FeatureRecorder(teacher, algorithm.teacher_taps, "teacher") if teacher else None
-        for role, model in (("student", student), ("teacher", teacher)):
-            if model is not None:
-                check_logits(model, example_input, num_classes, role)
+        self.teacher_recorders = [
+            FeatureRecorder(t, algorithm.teacher_taps_of(i), "teacher" if i == 0 else f"teacher {i}")
+            for i, t in enumerate(teachers)
+        ]
+        teacher_shapes = [
+            probe_shapes(t, r.paths, teacher_example) for t, r in zip(teachers, self.teacher_recorders, strict=True)
+        ]
         algorithm.build(
             probe_shapes(student, algorithm.student_taps, example_input, "student"),
-            probe_shapes(teacher, algorithm.teacher_taps, example_input, "teacher") if teacher else {},
-            BuildContext(num_classes=num_classes, num_train=num_train, train_targets=train_targets),
+            teacher_shapes[0] if teachers else {},
+            BuildContext(num_classes, num_train, train_targets, all_teacher_shapes=teacher_shapes),
         )
 
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -91,30 +112,35 @@ class DistillationModule(L.LightningModule):
         self.test_kl = MeanMetric()
         self.test_suffix = ""  # "" for the best-validation weights, "_last" for the last epoch's
 
-    # -- device moves for the unregistered frozen teacher ----------------------------------------------
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The first (reference) teacher: test metrics are measured against it."""
+        return self.teachers[0] if len(self.teachers) else None
+
+    # -- device moves for unregistered frozen teachers -------------------------------------------------
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        if not self.scheme.trains_teacher and self.teacher is not None:
-            self.teacher._apply(fn, *args, **kwargs)
+        if not self.scheme.trains_teacher:
+            for teacher in self.teachers:
+                teacher._apply(fn, *args, **kwargs)
         return self
 
     # -- forward ---------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         return self.student(x)
 
-    def _teacher_forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        with torch.set_grad_enabled(self.scheme.trains_teacher and torch.is_grad_enabled()):
-            with self.teacher_recorder:
-                logits = self.teacher(x)
-            return logits, self.teacher_recorder.features
-
     def _step_outputs(self, batch: dict[str, Tensor], with_teacher: bool) -> StepOutputs:
-        x = batch["input"]
         out = StepOutputs(logits=None, batch=batch)  # type: ignore[arg-type]
         if with_teacher:
-            out.teacher_logits, out.teacher_features = self._teacher_forward(x)
+            x_t = batch[self.teacher_input_key]
+            with torch.set_grad_enabled(self.scheme.trains_teacher and torch.is_grad_enabled()):
+                for teacher, recorder in zip(self.teachers, self.teacher_recorders, strict=True):
+                    with recorder:
+                        out.all_teacher_logits.append(teacher(x_t))
+                    out.all_teacher_features.append(recorder.features)
+            out.teacher_logits, out.teacher_features = out.all_teacher_logits[0], out.all_teacher_features[0]
         with self.student_recorder:
-            out.logits = self.student(x)
+            out.logits = self.student(batch[self.input_key])
         out.features = self.student_recorder.features
         return out
 
@@ -125,26 +151,47 @@ class DistillationModule(L.LightningModule):
             if len(set(hashes)) > 1:
                 raise KDLabError(f"DDP ranks were given different configs (hashes {hashes}); see trainer=ddp docs.")
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        out = self._step_outputs(batch, with_teacher=self.algorithm.needs_teacher)
-        terms = self.algorithm(out)
+    def on_train_epoch_start(self) -> None:
+        self.algorithm.on_epoch_start(self.current_epoch, self.trainer.max_epochs)
+
+    def _loss(self, terms: dict[str, Tensor], prefix: str = "train/loss") -> Tensor:
         loss = torch.stack(list(terms.values())).sum()
-        if not torch.isfinite(loss):
-            bad = [name for name, value in terms.items() if not torch.isfinite(value)]
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {self.current_epoch}, step {self.global_step}: term(s) {bad} = "
-                f"{[float(terms[b]) for b in bad]}. Lower the learning rate or that term's weight; "
-                "checkpoints and logs written so far are kept."
-            )
-        n = len(batch["target"])
+        check_finite(terms, loss, f"epoch {self.current_epoch}, step {self.global_step}")
+        n = self._batch_size
         # epoch means; under DDP they are reduced across ranks once, at the epoch's end
-        self.log("train/loss", loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        self.log(prefix, loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         for name, value in terms.items():
-            self.log(f"train/loss_{name}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+            self.log(f"{prefix}_{name}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
         return loss
 
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        self._batch_size = len(batch["target"])
+        out = self._step_outputs(batch, with_teacher=self.algorithm.needs_teacher)
+        if self.automatic_optimization:
+            return self._loss(self.algorithm(out))
+        return self._manual_step(out, batch_idx)
+
+    def _manual_step(self, out: StepOutputs, batch_idx: int) -> None:
+        """Adversarial methods: the algorithm's adversary (a discriminator) and the student take turns, each
+        with its own optimizer; ``adversary_steps`` updates of the adversary every ``adversary_every`` steps."""
+        student_opt, adversary_opt = self.optimizers()
+        algorithm = self.algorithm
+        if batch_idx % algorithm.adversary_every == 0:
+            for _ in range(algorithm.adversary_steps):
+                loss = self._loss(algorithm.adversary_loss(out), prefix="train/adversary_loss")
+                adversary_opt.zero_grad()
+                self.manual_backward(loss)
+                adversary_opt.step()
+        loss = self._loss(algorithm(out))
+        student_opt.zero_grad()
+        self.manual_backward(loss)
+        student_opt.step()
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
+            scheduler.step()
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        logits = self.student(batch["input"])
+        logits = self.student(batch[self.input_key])
         self.val_acc.update(logits, batch["target"])
         loss = cross_entropy(logits, batch)
         self.log("val/loss", loss, on_epoch=True, batch_size=len(batch["target"]), sync_dist=True)
@@ -162,18 +209,16 @@ class DistillationModule(L.LightningModule):
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        x, y = batch["input"], batch["target"]
-        logits = self.student(x)
+        y = batch["target"]
+        logits = self.student(batch[self.input_key])
         self.test_acc.update(logits, y)
         if self.teacher is not None:
             with torch.no_grad():
-                teacher_logits = self.teacher(x)
+                teacher_logits = self.teacher(batch[self.teacher_input_key])
             self.test_teacher_acc.update(teacher_logits, y)
             self.test_agreement.update(logits, teacher_logits.argmax(-1))
-            kl = F.kl_div(
-                F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1), reduction="none", log_target=True
-            )
-            self.test_kl.update(kl.sum(-1))
+            log_p_s, log_p_t = F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1)
+            self.test_kl.update(F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(-1))
 
     def on_test_epoch_end(self) -> None:
         s = self.test_suffix
@@ -188,14 +233,21 @@ class DistillationModule(L.LightningModule):
 
     # -- optimization and checkpoints ------------------------------------------------------------------
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(p for p in self.parameters() if p.requires_grad)
+        adversary = {id(p) for p in self.algorithm.adversary_parameters()}
+        params = [p for p in self.parameters() if p.requires_grad and id(p) not in adversary]
+        optimizers = [self.optimizer_factory(params)]
+        if adversary:
+            optimizers.append(self.algorithm.adversary_optimizer())
         if self.scheduler_factory is None:
-            return optimizer
+            return optimizers
         epochs = max(1, self.trainer.max_epochs or 1)
         total = self.trainer.estimated_stepping_batches
         steps_per_epoch = max(1, int(total // epochs)) if math.isfinite(total) else 1
-        scheduler = self.scheduler_factory(optimizer, epochs, steps_per_epoch)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedulers = [
+            {"scheduler": self.scheduler_factory(opt, epochs, steps_per_epoch), "interval": "step"}
+            for opt in optimizers[:1]
+        ]
+        return optimizers, schedulers
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["best_val_epoch"] = self.best_val_epoch

@@ -64,7 +64,7 @@ def resolve_teacher(cfg: DictConfig, datamodule: TensorDataModule) -> tuple[nn.M
     """The teacher model with its weights, and what the run should record about it."""
     t = cfg.teacher
     model = build_model(t.model)
-    check_logits(model, datamodule.example_input(), datamodule.num_classes, "teacher")
+    check_logits(model, datamodule.example_input(datamodule.teacher_input_key), datamodule.num_classes, "teacher")
     info: dict[str, Any] = {"name": t.name, "params": count_parameters(model)}
     if t.get("ckpt_path"):
         load_weights(model, t.ckpt_path, "teacher")
@@ -100,7 +100,7 @@ def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModul
     staging = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     L.seed_everything(t.seed, workers=True, verbose=False)
-    module = build_module(cfg, datamodule, model, NoDistillation(), Offline(), t.optim, teacher=None)
+    module = build_module(cfg, datamodule, model, NoDistillation(), Offline(), t.optim, [], trains_a_teacher=True)
     is_zero = _global_rank() == 0
     trainer = build_trainer(
         cfg.trainer,

@@ -64,7 +64,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         student = build_model(cfg.student.model)
         algorithm = build(cfg.algorithm)
         scheme = build(cfg.scheme)
-        module = build_module(cfg, datamodule, student, algorithm, scheme, cfg.optim, teacher)
+        module = build_module(cfg, datamodule, student, algorithm, scheme, cfg.optim, [teacher] if teacher else [])
 
         loggers = build_loggers(cfg.get("logger"))
         trainer = build_trainer(cfg.trainer, build_callbacks(cfg.get("callbacks")), loggers or False)

@@ -105,7 +105,7 @@ def test_bad_tap_path_fails_at_build_time(make_cfg):
     with pytest.raises(KDLabError, match=r"student \(MLP\) has no module at path 'layer.0'.*'layers.0'"):
         DistillationModule(
             build_model(cfg.student.model), TapsHint(), Offline(), torch.optim.SGD, dm.example_input(), 10,
-            teacher=build_model(cfg.teacher.model),
+            teachers=[build_model(cfg.teacher.model)],
         )  # fmt: skip
 
 

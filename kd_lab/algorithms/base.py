@@ -21,9 +21,11 @@ class StepOutputs:
 
     logits: Tensor  # student logits (B, K)
     batch: dict[str, Tensor]  # input, target, index, and mixup fields when mixup is on
-    teacher_logits: Tensor | None = None
+    teacher_logits: Tensor | None = None  # the first teacher's
     features: dict[str, Tensor] = field(default_factory=dict)  # student taps
-    teacher_features: dict[str, Tensor] = field(default_factory=dict)
+    teacher_features: dict[str, Tensor] = field(default_factory=dict)  # the first teacher's taps
+    all_teacher_logits: list[Tensor] = field(default_factory=list)  # every teacher (multi-teacher methods)
+    all_teacher_features: list[dict[str, Tensor]] = field(default_factory=list)
 
     @property
     def target(self) -> Tensor:
@@ -37,6 +39,7 @@ class BuildContext:
     num_classes: int
     num_train: int  # training-set size: memory banks (CRD) are indexed by the global sample index
     train_targets: torch.Tensor | None = None  # label of each training index (class-aware negative sampling)
+    all_teacher_shapes: list[dict[str, torch.Size]] = field(default_factory=list)  # one dict per teacher
 
 
 def cross_entropy(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
@@ -52,6 +55,11 @@ def cross_entropy(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
 class Algorithm(nn.Module):
     name: str = "base"
     needs_teacher: bool = True  # False: the training step skips the teacher forward
+    # Adversarial methods: a second optimizer for ``adversary_parameters()``, stepped with
+    # ``adversary_loss()`` ``adversary_steps`` times every ``adversary_every`` steps (manual optimization).
+    manual_optimization: bool = False
+    adversary_steps: int = 1
+    adversary_every: int = 1
 
     def __init__(self, ce_weight: float = 1.0):
         super().__init__()
@@ -64,6 +72,22 @@ class Algorithm(nn.Module):
     @property
     def teacher_taps(self) -> list[str]:
         return []
+
+    def teacher_taps_of(self, index: int) -> list[str]:
+        """Taps of teacher ``index`` (0 is the reference teacher; multi-teacher methods use the others)."""
+        return self.teacher_taps if index == 0 else []
+
+    def on_epoch_start(self, epoch: int, max_epochs: int) -> None:
+        """Called at the start of every training epoch (warm-ups, schedules of loss weights)."""
+
+    def adversary_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def adversary_optimizer(self) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def adversary_loss(self, out: StepOutputs) -> dict[str, Tensor]:
+        raise NotImplementedError
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Resolve configured tap specs (indices, "embedding", paths; ``kd_lab.recorder.resolve_tap``) into
