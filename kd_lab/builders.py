@@ -3,21 +3,25 @@
 import hashlib
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kd_lab.algorithms.base import Algorithm
 from kd_lab.data.base import TensorDataModule
+from kd_lab.errors import KDLabError
 from kd_lab.module import DistillationModule
 from kd_lab.schemes.base import Scheme
 
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"  # the repo's conf/ (editable install)
+
 # keys of a group that describe it but are not constructor arguments
-META_KEYS = ("name",)
+META_KEYS = ("name", "extra_teachers")
 
 
 def to_dict(cfg: DictConfig | None) -> dict[str, Any]:
@@ -84,6 +88,19 @@ def build_trainer(
         spec["enable_progress_bar"] = sys.stderr.isatty()
     spec.update(overrides)
     return instantiate(spec, callbacks=callbacks, logger=loggers)
+
+
+def group_option(cfg: DictConfig, group: str, option: str, into: str, keep: tuple[str, ...] = ()) -> DictConfig:
+    """``cfg`` with ``cfg[into]`` replaced by ``conf/<group>/<option>.yaml``, keeping the ``keep`` keys of the
+    old node (e.g. a teacher's ``optim``); interpolations resolve against the whole config."""
+    path = CONFIG_DIR / group / f"{option}.yaml"
+    if not path.is_file():
+        valid = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        raise KDLabError(f"unknown {group} '{option}'; valid options: {valid}.")
+    new = cfg.copy()
+    with open_dict(new):
+        new[into] = OmegaConf.merge({k: cfg[into][k] for k in keep if k in cfg[into]}, OmegaConf.load(path))
+    return new
 
 
 def build_callbacks(cfg: DictConfig | None) -> list[L.Callback]:

@@ -90,6 +90,7 @@ class DistillationModule(L.LightningModule):
         for i, teacher in enumerate(teachers):
             check_logits(teacher, teacher_example, num_classes, "teacher" if i == 0 else f"teacher {i}")
         algorithm.bind(student, self.teacher)
+        algorithm.bind_teachers(teachers)
         self.student_recorder = FeatureRecorder(student, algorithm.student_taps, "student")
         self.teacher_recorders = [
             FeatureRecorder(t, algorithm.teacher_taps_of(i), "teacher" if i == 0 else f"teacher {i}")
@@ -101,7 +102,13 @@ class DistillationModule(L.LightningModule):
         algorithm.build(
             probe_shapes(student, algorithm.student_taps, example_input, "student"),
             teacher_shapes[0] if teachers else {},
-            BuildContext(num_classes, num_train, train_targets, all_teacher_shapes=teacher_shapes),
+            BuildContext(
+                num_classes,
+                num_train,
+                train_targets,
+                all_teacher_shapes=teacher_shapes,
+                paired_inputs=teacher_input_key != input_key,
+            ),
         )
 
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

@@ -16,6 +16,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig
 
+from kd_lab.builders import CONFIG_DIR as BUILDERS_CONFIG_DIR
 from kd_lab.builders import (
     build,
     build_callbacks,
@@ -23,6 +24,7 @@ from kd_lab.builders import (
     build_model,
     build_module,
     build_trainer,
+    group_option,
     to_dict,
 )
 from kd_lab.ddp import job_scope, patch_lightning_hydra_launcher
@@ -58,16 +60,28 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = build_datamodule(cfg)
-        teacher, results["teacher"] = resolve_teacher(cfg, datamodule) if cfg.get("teacher") else (None, {})
+        teachers, results["teacher"] = [], {}
+        if cfg.get("teacher"):
+            teacher, results["teacher"] = resolve_teacher(cfg, datamodule)
+            teachers.append(teacher)
+        for i, name in enumerate(cfg.algorithm.get("extra_teachers") or [], start=1):
+            extra, results[f"teacher_{i}"] = resolve_teacher(
+                group_option(cfg, "teacher", name, "teacher", keep=("optim",)), datamodule
+            )
+            teachers.append(extra)
+        teacher = teachers[0] if teachers else None
 
         L.seed_everything(cfg.seed, workers=True, verbose=False)  # same student init, cached teacher or not
         student = build_model(cfg.student.model)
         algorithm = build(cfg.algorithm)
         scheme = build(cfg.scheme)
-        module = build_module(cfg, datamodule, student, algorithm, scheme, cfg.optim, [teacher] if teacher else [])
+        module = build_module(cfg, datamodule, student, algorithm, scheme, cfg.optim, teachers)
 
         loggers = build_loggers(cfg.get("logger"))
-        trainer = build_trainer(cfg.trainer, build_callbacks(cfg.get("callbacks")), loggers or False)
+        overrides = {}
+        if algorithm.manual_optimization and cfg.trainer.get("strategy") == "ddp":
+            overrides["strategy"] = "ddp_find_unused_parameters_true"  # each backward touches one player only
+        trainer = build_trainer(cfg.trainer, build_callbacks(cfg.get("callbacks")), loggers or False, **overrides)
         for logger in loggers:
             logger.log_hyperparams(results["config"])
         results["params"] = {
@@ -134,7 +148,7 @@ def summary(results: dict[str, Any], path: Path) -> str:
     return "\n".join(lines)
 
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # the repo's conf/ (editable install)
+CONFIG_DIR = str(BUILDERS_CONFIG_DIR)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

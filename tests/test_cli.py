@@ -69,3 +69,12 @@ def test_multirun_with_ddp_every_rank_trains_the_jobs_config(tmp_path):
         seen.add((cfg["seed"], cfg["optim"]["optimizer"]["lr"]))
     assert seen == {(0, 0.01), (0, 0.003), (1, 0.01), (1, 0.003)}
     assert len(list((tmp_path / "teachers").glob("mlp_large-*/meta.json"))) == 1  # one teacher for the sweep
+
+
+@pytest.mark.slow
+def test_adversarial_under_ddp(tmp_path):
+    """Two optimizers under manual optimization, each backward touching one player, across 2 processes."""
+    kd_lab(tmp_path, *FAST, "trainer=ddp_cpu", "logger=none", "algorithm=adversarial")
+    (run,) = (tmp_path / "logs" / "runs").iterdir()
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "finished" and results["world_size"] == 2

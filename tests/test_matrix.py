@@ -18,6 +18,8 @@ INVALID = [(a, s) for a, s in PAIRS if a not in COMPATIBLE.get(s, ())]
 PAIRING = ["teacher=cnn1d_large", "teacher.model.channels=[8,16,16]"]
 # (algorithm, student) pairs a method cannot bridge by design: the build must say why (message fragment).
 BUILD_ERRORS: dict[tuple[str, str], str] = {}
+# algorithms that need a particular kind of data
+DATA = {"cross_modal": "data=fake_xmodal"}
 
 
 def test_every_config_is_declared():
@@ -28,7 +30,8 @@ def test_every_config_is_declared():
 @pytest.mark.parametrize(("algorithm", "scheme"), VALID)
 @pytest.mark.parametrize("student", ["mlp_small", "cnn1d_tiny"])
 def test_fast_dev_run(make_cfg, algorithm, scheme, student):
-    cfg = make_cfg(*PAIRING, f"algorithm={algorithm}", f"scheme={scheme}", f"student={student}", "debug=fdr")
+    data = DATA.get(algorithm, "data=fake")
+    cfg = make_cfg(*PAIRING, data, f"algorithm={algorithm}", f"scheme={scheme}", f"student={student}", "debug=fdr")
     if (algorithm, student) in BUILD_ERRORS:
         with pytest.raises(KDLabError, match=BUILD_ERRORS[algorithm, student]):
             train(cfg)
@@ -51,3 +54,8 @@ def test_pair_check_names_the_fix():
         check_compatible("kd", "onlin")
     with pytest.raises(KDLabError, match=r"algorithm 'fitnet' cannot run under scheme 'offline'. Under 'offline' pick"):
         check_compatible("fitnet", "offline")
+
+
+def test_cross_modal_needs_paired_data(make_cfg):
+    with pytest.raises(KDLabError, match=r"algorithm=cross_modal needs paired data.*data=mnist1d_xmodal"):
+        train(make_cfg(*PAIRING, "algorithm=cross_modal", "debug=fdr"))

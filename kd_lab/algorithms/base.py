@@ -40,6 +40,7 @@ class BuildContext:
     num_train: int  # training-set size: memory banks (CRD) are indexed by the global sample index
     train_targets: torch.Tensor | None = None  # label of each training index (class-aware negative sampling)
     all_teacher_shapes: list[dict[str, torch.Size]] = field(default_factory=list)  # one dict per teacher
+    paired_inputs: bool = False  # teacher and student read different inputs (cross-modal data)
 
 
 def cross_entropy(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
@@ -92,6 +93,9 @@ class Algorithm(nn.Module):
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Resolve configured tap specs (indices, "embedding", paths; ``kd_lab.recorder.resolve_tap``) into
         the module paths that ``student_taps`` / ``teacher_taps`` return. Called before shapes are probed."""
+
+    def bind_teachers(self, teachers: list[nn.Module]) -> None:
+        """Like ``bind``, for methods that tap several teachers (called after ``bind``)."""
 
     def build(
         self, student_shapes: dict[str, torch.Size], teacher_shapes: dict[str, torch.Size], context: BuildContext

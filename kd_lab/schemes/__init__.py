@@ -10,6 +10,9 @@ COMPATIBLE: dict[str, frozenset[str]] = {
         {
             "none",
             "kd",
+            "adversarial",
+            "cross_modal",
+            "multi_teacher",
         }
     ),
 }

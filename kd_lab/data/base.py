@@ -1,0 +1,141 @@
+"""The shared shape of kd-lab's data modules: in-memory tensors, a validation split carved from the
+training set (the test split is never used for selection), and batches as dicts.
+
+A batch is ``{"input": x, "target": y, "index": i}``; ``index`` is the sample's global index in the
+training set (contrastive methods keep memory banks by it). Subclasses implement ``load()``.
+"""
+
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from kd_lab.data.batches import TensorBatches, Transform
+from kd_lab.errors import KDLabError
+
+
+class TensorDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        num_classes: int,
+        input_shape: tuple[int, ...],
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        val_size: int | float = 0.1,
+        split_seed: int = 0,
+        seed: int = 0,
+        augment: Transform | None = None,
+        student_view: Callable[[Tensor, str], Tensor] | None = None,
+        teacher_input_shape: tuple[int, ...] | None = None,
+    ):
+        super().__init__()
+        self.num_classes = num_classes  # declared in the data config so models can interpolate it;
+        self.input_shape = tuple(input_shape)  # checked against the loaded data in setup()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.seed = seed
+        self.augment = augment
+        # Cross-modal data: the student sees student_view(x) as "input", the teacher x as "teacher_input".
+        self.student_view = student_view
+        self.teacher_input_shape = tuple(teacher_input_shape) if teacher_input_shape else None
+        self.splits: dict[str, dict[str, Tensor]] = {}
+
+    # -- to implement ----------------------------------------------------------------------------------
+    def load(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Return ``{"train": (x, y), "test": (x, y)}`` as float inputs and int64 targets."""
+        raise NotImplementedError
+
+    # -- Lightning hooks -------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        arrays = self.load()
+        if self.student_view is not None:
+            arrays = {name: (self.student_view(x, name), y, x) for name, (x, y) in arrays.items()}
+        for name, (x, y, *teacher_x) in arrays.items():
+            check_split(name, x, y, self.num_classes, self.input_shape)
+            if teacher_x:
+                check_split(name, teacher_x[0], y, self.num_classes, self.teacher_input_shape or x.shape[1:])
+        test = split_dict(*arrays["test"])
+        train = split_dict(*arrays["train"])
+        n = len(train["target"])
+        n_val = int(round(self.val_size * n)) if isinstance(self.val_size, float) else self.val_size
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        for name, idx in (("train", order[n_val:].sort().values), ("val", order[:n_val].sort().values)):
+            self.splits[name] = {key: t[idx] for key, t in train.items()}
+            self.splits[name]["index"] = torch.arange(len(idx))
+        self.splits["test"] = test
+
+    def example_input(self, key: str = "input", n: int = 2) -> Tensor:
+        """A few training inputs, for probing feature shapes with one forward."""
+        self.setup()
+        return self.splits["train"][key][:n]
+
+    @property
+    def teacher_input_key(self) -> str:
+        """``teacher_input`` when teacher and student see different modalities (cross-modal data)."""
+        self.setup()
+        return "teacher_input" if "teacher_input" in self.splits["train"] else "input"
+
+    @property
+    def num_train(self) -> int:
+        self.setup()
+        return len(self.splits["train"]["target"])
+
+    @property
+    def train_targets(self) -> Tensor:
+        """The label of every training index (``batch["index"]`` indexes this)."""
+        self.setup()
+        return self.splits["train"]["target"]
+
+    def _loader(self, split: str, train: bool) -> TensorBatches:
+        self.setup()
+        trainer = self.trainer
+        return TensorBatches(
+            self.splits[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train,
+            seed=self.seed,
+            transform=self.augment if train else None,
+            epoch_fn=(lambda: trainer.current_epoch) if trainer is not None else (lambda: 0),
+            rank=trainer.global_rank if trainer is not None else 0,
+            world_size=trainer.world_size if trainer is not None else 1,
+        )
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._loader("test", train=False)
+
+
+def split_dict(x: Tensor, y: Tensor, teacher_x: Tensor | None = None) -> dict[str, Tensor]:
+    split = {"input": x, "target": y, "index": torch.arange(len(y))}
+    if teacher_x is not None:
+        split["teacher_input"] = teacher_x
+    return split
+
+
+def check_split(name: str, x: Tensor, y: Tensor, num_classes: int, input_shape: tuple[int, ...]) -> None:
+    """Fail before training on data that would silently poison it."""
+    if len(x) != len(y):
+        raise KDLabError(f"data split '{name}': {len(x)} inputs but {len(y)} targets; regenerate the data files.")
+    if tuple(x.shape[1:]) != tuple(input_shape):
+        raise KDLabError(f"data split '{name}': inputs of shape {tuple(x.shape[1:])}, expected {tuple(input_shape)}.")
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()[:5].tolist()
+        raise KDLabError(
+            f"data split '{name}': NaN or Inf in the inputs (first bad samples: {bad}); clean or regenerate the data."
+        )
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise KDLabError(
+            f"data split '{name}': targets span [{int(y.min())}, {int(y.max())}] but the data declares "
+            f"{num_classes} classes; fix data.num_classes or the labels."
+        )
