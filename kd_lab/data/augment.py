@@ -8,7 +8,6 @@ get the same view. Every draw comes from the loader's generator, a function of (
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from kd_lab.data.batches import Batch
 

@@ -62,7 +62,7 @@ class TensorDataModule(L.LightningDataModule):
         test = split_dict(*arrays["test"])
         train = split_dict(*arrays["train"])
         n = len(train["target"])
-        n_val = int(round(self.val_size * n)) if isinstance(self.val_size, float) else self.val_size
+        n_val = round(self.val_size * n) if isinstance(self.val_size, float) else self.val_size
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
         for name, idx in (("train", order[n_val:].sort().values), ("val", order[:n_val].sort().values)):
             self.splits[name] = {key: t[idx] for key, t in train.items()}

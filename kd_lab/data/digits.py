@@ -23,6 +23,6 @@ class DigitsDataModule(TensorDataModule):
         x = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
         y = torch.as_tensor(digits.target, dtype=torch.int64)
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.test_seed))
-        n_test = int(round(self.test_fraction * len(x)))
+        n_test = round(self.test_fraction * len(x))
         test, train = order[:n_test].sort().values, order[n_test:].sort().values
         return {"train": (x[train], y[train]), "test": (x[test], y[test])}
