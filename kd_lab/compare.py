@@ -1,0 +1,152 @@
+"""``kd-lab-compare <run dirs or multirun dirs>``: one table from many ``results.json`` files.
+
+Runs are grouped by (data, teacher, student, algorithm, scheme); each row gives test accuracy mean and std
+over seeds at the best-validation epoch and at the last epoch (both protocols, because the benchmarks
+disagree: RepDistiller reports the last epoch, mdistiller the best), the gain over the vanilla student of
+the same (data, teacher, student), the teacher's accuracy, student-teacher agreement, the parameter ratio,
+wall time and the number of seeds. Failed or unfinished runs are listed, never silently dropped.
+"""
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+KEY = ("data", "teacher", "student", "algorithm", "scheme")
+# config keys that do not make two runs different settings of one method
+NOT_A_SETTING = (
+    "seed",
+    "data.seed",
+    "paths.",
+    "logger.",
+    "callbacks.",
+    "run_name",
+    "hydra.",
+    "trainer.enable_progress_bar",
+)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: json.dumps(node, sort_keys=True)}
+
+
+def setting(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    flat = flatten(config)
+    return tuple(sorted((k, v) for k, v in flat.items() if not k.startswith(NOT_A_SETTING)))
+
+
+def find_results(paths: list[str]) -> list[Path]:
+    found: list[Path] = []
+    for p in map(Path, paths):
+        found += [p] if p.name == "results.json" else sorted(p.rglob("results.json"))
+    return found
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(files: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    problems: list[tuple[str, str]] = []
+    for f in files:
+        try:
+            r = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            problems.append((str(f.parent), f"unreadable results.json ({e})"))
+            continue
+        if r.get("status") != "finished":
+            problems.append((str(f.parent), f"{r.get('status')}: {r.get('error', '')}"[:200]))
+            continue
+        groups[(*(r["names"].get(k, "-") for k in KEY), setting(r["config"]))].append(r)
+
+    # settings of one (data, teacher, student, algorithm, scheme) differ in these keys: show them
+    varying: dict[tuple, set[str]] = defaultdict(set)
+    by_names: dict[tuple, list[dict]] = defaultdict(list)
+    for key in groups:
+        by_names[key[:-1]].append(dict(key[-1]))
+    for names, settings in by_names.items():
+        for k in set().union(*settings):
+            if len({s.get(k) for s in settings}) > 1:
+                varying[names].add(k)
+
+    rows = []
+    for key, runs in sorted(groups.items(), key=lambda kv: kv[0][:-1]):
+        row: dict[str, Any] = dict(zip(KEY, key[:-1], strict=True))
+        chosen = dict(key[-1])
+        row["setting"] = " ".join(f"{k}={chosen.get(k, '-')}" for k in sorted(varying[key[:-1]])) or "-"
+        for protocol in ("best", "last"):
+            row[f"acc_{protocol}"], row[f"std_{protocol}"] = mean_std([r[protocol]["test/acc"] for r in runs])
+        teacher = [r["best"]["test/teacher_acc"] for r in runs if "test/teacher_acc" in r["best"]]
+        agree = [r["best"]["test/agreement"] for r in runs if "test/agreement" in r["best"]]
+        row["teacher_acc"] = statistics.fmean(teacher) if teacher else None
+        row["agreement"] = statistics.fmean(agree) if agree else None
+        p = runs[0].get("params", {})
+        row["param_ratio"] = p["student"] / p["teacher"] if p.get("teacher") else None
+        row["wall_s"] = statistics.fmean(r["wall_seconds"] for r in runs)
+        row["seeds"] = len(runs)
+        rows.append(row)
+    vanilla = {(r["data"], r["teacher"], r["student"]): r for r in rows if r["algorithm"] == "none"}
+    for row in rows:
+        base = vanilla.get((row["data"], row["teacher"], row["student"]))
+        row["gain_best"] = row["acc_best"] - base["acc_best"] if base else None
+    return rows, problems
+
+
+def fmt(value: Any, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(rows: list[dict[str, Any]], problems: list[tuple[str, str]]) -> str:
+    head = "| data | teacher | student | algorithm | scheme | setting | test acc (best val) | test acc (last) | gain vs vanilla | teacher acc | agreement | student/teacher params | wall s | seeds |"  # noqa: E501
+    lines = [
+        "Test accuracy: mean ± std over seeds, at the epoch of best validation accuracy and at the last epoch.",
+        "",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['data']} | {r['teacher']} | {r['student']} | {r['algorithm']} | {r['scheme']} | {r['setting']} "
+            f"| {r['acc_best']:.4f} ± {r['std_best']:.4f} | {r['acc_last']:.4f} ± {r['std_last']:.4f} "
+            f"| {fmt(r['gain_best'], '+.4f')} | {fmt(r['teacher_acc'])} | {fmt(r['agreement'])} "
+            f"| {fmt(r['param_ratio'], '.3f')} | {r['wall_s']:.1f} | {r['seeds']} |"
+        )
+    if problems:
+        lines += ["", "Runs not in the table:", *[f"- {run}: {why}" for run, why in problems]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kd-lab-compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="run directories, multirun directories or results.json files")
+    parser.add_argument("--csv", type=Path, help="also write the table as CSV here")
+    parser.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
+    args = parser.parse_args(argv)
+    rows, problems = summarize(find_results(args.paths))
+    if not rows and not problems:
+        print(f"no results.json under {args.paths}", file=sys.stderr)
+        return 1
+    table = markdown(rows, problems)
+    print(table)
+    if args.markdown:
+        args.markdown.write_text(table + "\n")
+    if args.csv:
+        with args.csv.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else list(KEY))
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
