@@ -14,6 +14,8 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kd_lab.builders import CONFIG_DIR as BUILDERS_CONFIG_DIR
@@ -28,6 +30,7 @@ from kd_lab.builders import (
     to_dict,
 )
 from kd_lab.ddp import job_scope, patch_lightning_hydra_launcher
+from kd_lab.errors import brief
 from kd_lab.loggers import build_loggers, finish_loggers, quiet_lightning_console
 from kd_lab.module import count_parameters
 from kd_lab.results import write_results
@@ -157,7 +160,14 @@ def main(cfg: DictConfig) -> float | None:
     quiet_lightning_console()
     patch_lightning_hydra_launcher()
     with job_scope():  # one job of a multirun must not leak its DDP state into the next
-        results, _ = train(cfg)
+        try:
+            results, _ = train(cfg)
+        except Exception as e:
+            if HydraConfig.get().mode != RunMode.MULTIRUN:
+                raise
+            # a sweep goes on: this job's results.json says "failed" with the error, so comparisons list it
+            log.error("job failed: %s (%s)", brief(e), cfg.paths.output_dir)
+            return None
     return results["best"].get("val/acc")  # what a sweeper optimizes: validation, never test
 
 

@@ -78,3 +78,12 @@ def test_adversarial_under_ddp(tmp_path):
     (run,) = (tmp_path / "logs" / "runs").iterdir()
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "finished" and results["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    kd_lab(tmp_path, "-m", *FAST, "logger=none", "student.model.num_classes=7,10")  # the first job cannot build
+    (sweep,) = (tmp_path / "logs" / "multiruns").iterdir()
+    results = [json.loads((job / "results.json").read_text()) for job in sweep.iterdir() if job.is_dir()]
+    statuses = {r["config"]["student"]["model"]["num_classes"]: r["status"] for r in results}
+    assert statuses == {7: "failed", 10: "finished"}

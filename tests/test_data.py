@@ -113,3 +113,10 @@ def test_nan_inputs_fail_before_training():
 def test_declared_class_count_is_checked_against_the_labels():
     with pytest.raises(KDLabError, match="declares 3 classes"):
         DigitsDataModule(num_classes=3, input_shape=(1, 8, 8)).setup()
+
+
+def test_circular_shift_is_a_roll():
+    x = torch.randn(16, 1, 12)
+    out = SignalAugment(max_shift=3, circular=True)({"input": x, "target": torch.zeros(16)}, torch.Generator())
+    for row_in, row_out in zip(x[:, 0], out["input"][:, 0], strict=True):
+        assert any(torch.equal(torch.roll(row_in, s), row_out) for s in range(-3, 4))

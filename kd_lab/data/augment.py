@@ -13,18 +13,27 @@ from kd_lab.data.batches import Batch
 
 
 class SignalAugment:
-    """Random shift (zero padded), amplitude scaling, Gaussian noise and, optionally, mixup.
+    """Random shift, amplitude scaling, Gaussian noise and, optionally, mixup.
 
     Args:
         max_shift: largest shift in samples along the last axis, per sample uniform in [-max_shift, max_shift].
+        circular: wrap the shifted-out samples around (True) or pad with zeros (False).
         scale: amplitude factor per sample uniform in [1 - scale, 1 + scale].
         noise_std: std of additive Gaussian noise.
         mixup_alpha: Beta(alpha, alpha) mixing of pairs of inputs (Zhang et al. 2018); 0 disables it. Mixed
             batches carry ``target_mix`` and ``mix_lam`` so cross-entropy uses the mixed label.
     """
 
-    def __init__(self, max_shift: int = 0, scale: float = 0.0, noise_std: float = 0.0, mixup_alpha: float = 0.0):
+    def __init__(
+        self,
+        max_shift: int = 0,
+        scale: float = 0.0,
+        noise_std: float = 0.0,
+        mixup_alpha: float = 0.0,
+        circular: bool = False,
+    ):
         self.max_shift = max_shift
+        self.circular = circular
         self.scale = scale
         self.noise_std = noise_std
         self.mixup_alpha = mixup_alpha
@@ -35,9 +44,12 @@ class SignalAugment:
         if self.max_shift:
             shift = torch.randint(-self.max_shift, self.max_shift + 1, (n, 1), generator=g)
             source = torch.arange(length) - shift  # (n, L): where each output sample reads from
-            valid = (source >= 0) & (source < length)
             per_sample = (n,) + (1,) * (x.dim() - 2) + (length,)
-            x = torch.gather(x, -1, source.clamp(0, length - 1).view(per_sample).expand_as(x)) * valid.view(per_sample)
+            if self.circular:
+                x = torch.gather(x, -1, (source % length).view(per_sample).expand_as(x))
+            else:
+                valid = ((source >= 0) & (source < length)).view(per_sample)
+                x = torch.gather(x, -1, source.clamp(0, length - 1).view(per_sample).expand_as(x)) * valid
         if self.scale:
             x = x * (1 + self.scale * (2 * torch.rand((n,) + (1,) * (x.dim() - 1), generator=g) - 1))
         if self.noise_std:
