@@ -17,7 +17,9 @@ INVALID = [(a, s) for a, s in PAIRS if a not in COMPATIBLE.get(s, ())]
 # A CNN teacher, and a student of each family: CNN (feature maps) and MLP (vectors only).
 PAIRING = ["teacher=cnn1d_large", "teacher.model.channels=[8,16,16]"]
 # (algorithm, student) pairs a method cannot bridge by design: the build must say why (message fragment).
-BUILD_ERRORS: dict[tuple[str, str], str] = {}
+BUILD_ERRORS: dict[tuple[str, str], str] = {
+    ("attention", "mlp_small"): r"attention transfer needs spatial feature maps.*Pick algorithm=fitnet or kd",
+}
 # algorithms that need a particular kind of data
 DATA = {"cross_modal": "data=fake_xmodal"}
 
@@ -49,11 +51,15 @@ def test_invalid_pair_fails_at_build_time(make_cfg, algorithm, scheme, tmp_path)
     assert not (tmp_path / "teachers").exists()  # nothing was trained
 
 
-def test_pair_check_names_the_fix():
+def test_pair_check_names_the_fix(monkeypatch):
     with pytest.raises(KDLabError, match=r"unknown scheme 'onlin'; valid schemes: \['offline'"):
         check_compatible("kd", "onlin")
-    with pytest.raises(KDLabError, match=r"algorithm 'fitnet' cannot run under scheme 'offline'. Under 'offline' pick"):
-        check_compatible("fitnet", "offline")
+    # the message for a real incompatibility, on a table with a second scheme
+    monkeypatch.setitem(COMPATIBLE, "narrow", frozenset({"kd"}))
+    with pytest.raises(KDLabError, match=r"algorithm 'crd' cannot run under scheme 'narrow'. Under 'narrow' pick one "):
+        check_compatible("crd", "narrow")
+    with pytest.raises(KDLabError, match=r"run 'crd' with scheme=offline"):
+        check_compatible("crd", "narrow")
 
 
 def test_cross_modal_needs_paired_data(make_cfg):

@@ -1,18 +1,32 @@
 """Distillation algorithms, one file each; the config name is ``conf/algorithm/<name>.yaml``."""
 
 from kd_lab.algorithms.adversarial import Adversarial
+from kd_lab.algorithms.attention import AttentionTransfer
 from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs, cross_entropy
+from kd_lab.algorithms.crd import CRD
 from kd_lab.algorithms.cross_modal import CrossModal
+from kd_lab.algorithms.dkd import DKD
+from kd_lab.algorithms.fitnet import FitNet
 from kd_lab.algorithms.kd import KD, kd_loss
 from kd_lab.algorithms.multi_teacher import MultiTeacher
 from kd_lab.algorithms.none import NoDistillation
+from kd_lab.algorithms.pkt import PKT
+from kd_lab.algorithms.rkd import RKD
+from kd_lab.algorithms.sp import SP
 
 __all__ = [
+    "CRD",
+    "DKD",
     "KD",
+    "PKT",
+    "RKD",
+    "SP",
     "Adversarial",
     "Algorithm",
+    "AttentionTransfer",
     "BuildContext",
     "CrossModal",
+    "FitNet",
     "MultiTeacher",
     "NoDistillation",
     "StepOutputs",

@@ -13,6 +13,13 @@ COMPATIBLE: dict[str, frozenset[str]] = {
             "adversarial",
             "cross_modal",
             "multi_teacher",
+            "sp",
+            "rkd",
+            "pkt",
+            "crd",
+            "dkd",
+            "fitnet",
+            "attention",
         }
     ),
 }
