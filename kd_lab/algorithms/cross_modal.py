@@ -11,16 +11,17 @@ Recommended: T = 4, ce 1.0 / kd 1.0 (labels are reliable, the student's input is
 """
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs
-from kd_lab.algorithms.embedding import flat, linear_connector
+from kd_lab.algorithms.base import BuildContext, StepOutputs
+from kd_lab.algorithms.embedding import linear_connector
 from kd_lab.algorithms.kd import kd_loss
+from kd_lab.algorithms.taps import OneTapPair
 from kd_lab.errors import KDLabError
-from kd_lab.recorder import resolve_tap
+from kd_lab.recorder import TapSpec
 
 
-class CrossModal(Algorithm):
+class CrossModal(OneTapPair):
     name = "cross_modal"
 
     def __init__(
@@ -29,27 +30,11 @@ class CrossModal(Algorithm):
         kd_weight: float = 1.0,
         temperature: float = 4.0,
         hint_weight: float = 1.0,
-        student_tap: str | int = "embedding",
-        teacher_tap: str | int = "embedding",
+        student_tap: TapSpec = "embedding",
+        teacher_tap: TapSpec = "embedding",
     ):
-        super().__init__(ce_weight)
+        super().__init__(ce_weight, student_tap, teacher_tap)
         self.kd_weight, self.temperature, self.hint_weight = kd_weight, temperature, hint_weight
-        self.tap_specs = (student_tap, teacher_tap)
-        self.paths = ("", "")
-
-    def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        self.paths = (
-            resolve_tap(student, self.tap_specs[0], "student"),
-            resolve_tap(teacher, self.tap_specs[1], "teacher"),
-        )
-
-    @property
-    def student_taps(self) -> list[str]:
-        return [self.paths[0]] if self.hint_weight else []
-
-    @property
-    def teacher_taps(self) -> list[str]:
-        return [self.paths[1]] if self.hint_weight else []
 
     def build(self, student_shapes, teacher_shapes, context: BuildContext) -> None:
         if not context.paired_inputs:
@@ -58,13 +43,12 @@ class CrossModal(Algorithm):
                 "('teacher_input'): use a cross-modal data config such as data=mnist1d_xmodal, or pick "
                 "algorithm=kd for single-modality data."
             )
-        if self.hint_weight:
-            self.connector = linear_connector(student_shapes[self.paths[0]], teacher_shapes[self.paths[1]])
+        self.connector = linear_connector(student_shapes[self.paths[0]], teacher_shapes[self.paths[1]])
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         terms = self.ce_term(out)
         terms["kd"] = self.kd_weight * kd_loss(out.logits, out.teacher_logits, self.temperature)
         if self.hint_weight:
-            e_s = self.connector(flat(out.features[self.paths[0]]))
-            terms["hint"] = self.hint_weight * F.mse_loss(e_s, flat(out.teacher_features[self.paths[1]]))
+            e_s, e_t = self.pair(out)
+            terms["hint"] = self.hint_weight * F.mse_loss(self.connector(e_s), e_t)
         return terms
