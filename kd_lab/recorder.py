@@ -40,9 +40,13 @@ def resolve_tap(model: nn.Module, spec: TapSpec, role: str = "model") -> str:
     """A tap given in config -> a module path.
 
     ``"blocks.2"``: that path. ``-1`` / ``0`` (an int): the model's ``stage_taps`` by index (deepest = -1).
+    ``"middle"``: the stage ``len(stage_taps) // 2`` (FitNets' hint layer).
     ``"embedding"``: the model's ``embedding_tap`` (the classifier's input). ``"."``: the output.
     Models of other libraries have no ``stage_taps``: give paths for them.
     """
+    if spec == "middle":
+        stages = getattr(model, "stage_taps", None) or []
+        spec = len(stages) // 2 if stages else -1  # no stages: the index below raises the clear error
     if isinstance(spec, int):
         stages = getattr(model, "stage_taps", None)
         if not stages:

@@ -24,24 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs
+from kd_lab.algorithms.base import BuildContext, StepOutputs
+from kd_lab.algorithms.taps import OneTapPair
 from kd_lab.errors import KDLabError
-from kd_lab.recorder import TapSpec, resolve_tap
+from kd_lab.recorder import TapSpec
 
 MIDDLE = "middle"
-
-
-def resolve_stage_tap(model: nn.Module, spec: TapSpec, role: str) -> str:
-    """``resolve_tap`` plus ``"middle"``: the stage ``len(model.stage_taps) // 2``."""
-    if spec == MIDDLE:
-        stages = getattr(model, "stage_taps", None)
-        if not stages:
-            raise KDLabError(
-                f"{role} ({type(model).__name__}) declares no stage_taps, so tap '{MIDDLE}' means nothing; give a "
-                "module path instead."
-            )
-        return stages[len(stages) // 2]
-    return resolve_tap(model, spec, role)
 
 
 def pool_to_vector(feature: Tensor) -> Tensor:
@@ -83,7 +71,7 @@ def hint_loss(regressed: Tensor, hint: Tensor) -> Tensor:
     return F.mse_loss(regressed, hint)
 
 
-class FitNet(Algorithm):
+class FitNet(OneTapPair):
     name = "fitnet"
 
     def __init__(
@@ -93,25 +81,9 @@ class FitNet(Algorithm):
         student_tap: TapSpec = MIDDLE,
         teacher_tap: TapSpec = MIDDLE,
     ):
-        super().__init__(ce_weight)
+        super().__init__(ce_weight, student_tap, teacher_tap)
         self.hint_weight = hint_weight
-        self.tap_specs = (student_tap, teacher_tap)
-        self.paths = ("", "")
         self.regressor: Regressor | None = None
-
-    def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        self.paths = (
-            resolve_stage_tap(student, self.tap_specs[0], "student"),
-            resolve_stage_tap(teacher, self.tap_specs[1], "teacher"),
-        )
-
-    @property
-    def student_taps(self) -> list[str]:
-        return [self.paths[0]]
-
-    @property
-    def teacher_taps(self) -> list[str]:
-        return [self.paths[1]]
 
     def build(self, student_shapes, teacher_shapes, context: BuildContext) -> None:
         s_shape, t_shape = student_shapes[self.paths[0]], teacher_shapes[self.paths[1]]
