@@ -21,7 +21,7 @@ from kd_lab.schemes.base import Scheme
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"  # the repo's conf/ (editable install)
 
 # keys of a group that describe it but are not constructor arguments
-META_KEYS = ("name", "extra_teachers")
+META_KEYS = ("name", "extra_teachers", "peer_models")
 
 
 def to_dict(cfg: DictConfig | None) -> dict[str, Any]:

@@ -108,9 +108,26 @@ class DistillationModule(L.LightningModule):
                 train_targets,
                 all_teacher_shapes=teacher_shapes,
                 paired_inputs=teacher_input_key != input_key,
+                input_key=input_key,
+                teacher_input_key=teacher_input_key,
             ),
         )
 
+        # Other models evaluated next to the student, each under its own prefix (<name>/val/acc,
+        # <name>/test/acc): teachers that learn, the algorithm's extra exits, and their ensemble.
+        self.learning_teacher_names = (
+            [algorithm.teacher_name(i) for i in range(len(teachers))] if scheme.trains_teacher else []
+        )
+        exits = list(algorithm.exit_logits(self._probe_features(example_input)))
+        self.extra_names = [*self.learning_teacher_names, *exits]
+        if self.extra_names:
+            self.extra_names.append("ensemble")  # mean of the student's and the others' probabilities
+        self.extra_val_acc = nn.ModuleDict(
+            {n: MulticlassAccuracy(num_classes, average="micro") for n in self.extra_names}
+        )
+        self.extra_test_acc = nn.ModuleDict(
+            {n: MulticlassAccuracy(num_classes, average="micro") for n in self.extra_names}
+        )
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc_best = MaxMetric()
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -136,15 +153,29 @@ class DistillationModule(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.student(x)
 
+    @torch.no_grad()
+    def _probe_features(self, example: Tensor) -> dict[str, Tensor]:
+        was_training = self.student.training
+        self.student.eval()
+        with self.student_recorder:
+            self.student(example)
+        self.student.train(was_training)
+        return self.student_recorder.features
+
     def _step_outputs(self, batch: dict[str, Tensor], with_teacher: bool) -> StepOutputs:
         out = StepOutputs(logits=None, batch=batch)  # type: ignore[arg-type]
         if with_teacher:
             x_t = batch[self.teacher_input_key]
-            with torch.set_grad_enabled(self.scheme.trains_teacher and torch.is_grad_enabled()):
+            learning = self.scheme.trains_teacher and torch.is_grad_enabled()
+            with torch.set_grad_enabled(learning):
                 for teacher, recorder in zip(self.teachers, self.teacher_recorders, strict=True):
                     with recorder:
                         out.all_teacher_logits.append(teacher(x_t))
                     out.all_teacher_features.append(recorder.features)
+            if learning:  # the algorithm sees detached copies; the teachers' own terms use the live logits
+                out.live_teacher_logits = out.all_teacher_logits
+                out.all_teacher_logits = [z.detach() for z in out.all_teacher_logits]
+                out.all_teacher_features = [{k: v.detach() for k, v in f.items()} for f in out.all_teacher_features]
             out.teacher_logits, out.teacher_features = out.all_teacher_logits[0], out.all_teacher_features[0]
         with self.student_recorder:
             out.logits = self.student(batch[self.input_key])
@@ -175,8 +206,15 @@ class DistillationModule(L.LightningModule):
         self._batch_size = len(batch["target"])
         out = self._step_outputs(batch, with_teacher=self.algorithm.needs_teacher)
         if self.automatic_optimization:
-            return self._loss(self.algorithm(out))
+            return self._loss(self._terms(out))
         return self._manual_step(out, batch_idx)
+
+    def _terms(self, out: StepOutputs) -> dict[str, Tensor]:
+        """The algorithm's terms, plus the learning teachers' own terms unless the algorithm writes them."""
+        terms = self.algorithm(out)
+        if out.live_teacher_logits and not self.algorithm.trains_teachers:
+            terms.update(self.scheme.teacher_terms(out))
+        return terms
 
     def _manual_step(self, out: StepOutputs, batch_idx: int) -> None:
         """Adversarial methods: the algorithm's adversary (a discriminator) and the student take turns, each
@@ -189,7 +227,7 @@ class DistillationModule(L.LightningModule):
                 adversary_opt.zero_grad()
                 self.manual_backward(loss)
                 adversary_opt.step()
-        loss = self._loss(algorithm(out))
+        loss = self._loss(self._terms(out))
         student_opt.zero_grad()
         self.manual_backward(loss)
         student_opt.step()
@@ -197,17 +235,36 @@ class DistillationModule(L.LightningModule):
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
             scheduler.step()
 
+    def _eval_logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The student's logits, and those of every other model evaluated next to it (see ``extra_names``)."""
+        if not self.extra_names:
+            return self.student(batch[self.input_key]), {}
+        with self.student_recorder:
+            logits = self.student(batch[self.input_key])
+        extra = self.algorithm.exit_logits(self.student_recorder.features)
+        for name, teacher in zip(self.learning_teacher_names, self.teachers, strict=True):
+            extra[name] = teacher(batch[self.teacher_input_key])
+        extra["ensemble"] = torch.stack([F.softmax(z, -1) for z in [logits, *extra.values()]]).mean(0)
+        return logits, extra
+
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        logits = self.student(batch[self.input_key])
+        logits, extra = self._eval_logits(batch)
         self.val_acc.update(logits, batch["target"])
+        for name, z in extra.items():
+            self.extra_val_acc[name].update(z, batch["target"])
         loss = cross_entropy(logits, batch)
         self.log("val/loss", loss, on_epoch=True, batch_size=len(batch["target"]), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()
         self.val_acc.reset()
+        extra = {f"{name}/val/acc": metric.compute() for name, metric in self.extra_val_acc.items()}
+        for metric in self.extra_val_acc.values():
+            metric.reset()
         if self.trainer.sanity_checking:
             return
+        for name, value in extra.items():
+            self.log(name, value, sync_dist=True)
         if self.best_val_epoch < 0 or acc > self.val_acc_best.compute():
             self.best_val_epoch = self.current_epoch
         self.val_acc_best.update(acc)
@@ -217,8 +274,10 @@ class DistillationModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         y = batch["target"]
-        logits = self.student(batch[self.input_key])
+        logits, extra = self._eval_logits(batch)
         self.test_acc.update(logits, y)
+        for name, z in extra.items():
+            self.extra_test_acc[name].update(z, y)
         if self.teacher is not None:
             with torch.no_grad():
                 teacher_logits = self.teacher(batch[self.teacher_input_key])
@@ -231,6 +290,9 @@ class DistillationModule(L.LightningModule):
         s = self.test_suffix
         self.log(f"test/acc{s}", self.test_acc.compute(), sync_dist=True)
         self.test_acc.reset()
+        for name, metric in self.extra_test_acc.items():
+            self.log(f"{name}/test/acc{s}", metric.compute(), sync_dist=True)
+            metric.reset()
         if self.teacher is not None:
             self.log(f"test/teacher_acc{s}", self.test_teacher_acc.compute(), sync_dist=True)
             self.log(f"test/agreement{s}", self.test_agreement.compute(), sync_dist=True)

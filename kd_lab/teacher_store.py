@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,32 +74,50 @@ def resolve_teacher(cfg: DictConfig, datamodule: TensorDataModule) -> tuple[nn.M
 
     key = teacher_key(cfg)
     entry = Path(cfg.paths.teacher_store) / f"{t.name}-{key}"
+    meta, reused = cached_entry(entry, lambda staging: train_teacher(cfg, model, datamodule, staging))
+    if reused:  # otherwise ``model`` holds the weights just trained (ranks > 0 never wait for rank 0's file)
+        load_weights(model, entry / "teacher.pt", "teacher")
+        log.info(
+            "Reusing cached teacher %s (key %s, test acc %.4f) from %s",
+            t.name, key, meta["metrics"].get("test/acc", float("nan")), entry,
+        )  # fmt: skip
+    return model, {**info, "source": "cache", "reused": reused, "path": str(entry), "key": key, **meta}
+
+
+def cached_entry(entry: Path, make: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """``(meta, reused)`` of a store entry (a directory holding ``teacher.pt`` and ``meta.json``). When it is
+    missing, ``make(staging)`` trains the model, writes ``teacher.pt`` into ``staging`` and returns the meta;
+    the staging directory is renamed into place only when complete. Rank 0 holds a file lock meanwhile
+    (ranks > 0 of a DDP job must not take it: they train in lockstep with rank 0)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
-    # Rank > 0 of a DDP job must not take the lock: rank 0 holds it while they train in lockstep.
     lock = FileLock(str(entry) + ".lock") if _global_rank() == 0 else None
     if lock:
         lock.acquire()
     try:
         if (entry / "meta.json").is_file():
-            meta = json.loads((entry / "meta.json").read_text())
-            load_weights(model, entry / "teacher.pt", "teacher")
-            log.info(
-                "Reusing cached teacher %s (key %s, test acc %.4f) from %s",
-                t.name, key, meta["metrics"].get("test/acc", float("nan")), entry,
-            )  # fmt: skip
-            return model, {**info, "source": "cache", "reused": True, "path": str(entry), "key": key, **meta}
-        meta = train_teacher(cfg, model, datamodule, entry)
-        return model, {**info, "source": "cache", "reused": False, "path": str(entry), "key": key, **meta}
+            return json.loads((entry / "meta.json").read_text()), True
+        # One staging name per entry (every rank of a DDP job must see the same paths; runs are serialized by
+        # the lock). Whatever a killed run left there is discarded, never trusted.
+        staging = entry.with_name(f".{entry.name}.tmp")
+        if _global_rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        meta = make(staging)
+        if _global_rank() == 0:
+            atomic_write_json(meta, staging / "meta.json")
+            try:
+                os.replace(staging, entry)
+            except OSError:  # another writer finished first: theirs is as good as ours
+                shutil.rmtree(staging, ignore_errors=True)
+        return meta, False
     finally:
         if lock:
             lock.release()
 
 
-def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModule, entry: Path) -> dict[str, Any]:
+def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModule, staging: Path) -> dict[str, Any]:
+    """Train the teacher of ``cfg`` into ``model``; write its weights into ``staging``; return the meta."""
     t = cfg.teacher
-    log.info("No cached teacher %s at %s: training it for %d epochs", t.name, entry, t.max_epochs)
-    staging = entry.with_name(f".{entry.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
+    log.info("No cached teacher %s: training it for %d epochs", t.name, t.max_epochs)
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = build_module(cfg, datamodule, model, NoDistillation(), Offline(), t.optim, [], trains_a_teacher=True)
     is_zero = _global_rank() == 0
@@ -118,13 +137,7 @@ def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModul
         metrics.update({k: float(v) for k, v in trainer.test(module, datamodule, verbose=False)[0].items()})
     finally:
         datamodule.seed = run_seed
-    meta = {"metrics": metrics, "train_seconds": time.perf_counter() - start, "config": to_dict(t)}
     if is_zero:
         atomic_torch_save(model.state_dict(), staging / "teacher.pt")
-        atomic_write_json(meta, staging / "meta.json")
-        try:
-            os.replace(staging, entry)
-        except OSError:  # another writer finished first: theirs is as good as ours
-            shutil.rmtree(staging, ignore_errors=True)
-    log.info("Teacher %s trained: test acc %.4f, cached at %s", t.name, metrics.get("test/acc", float("nan")), entry)
-    return meta
+    log.info("Teacher %s trained: test acc %.4f", t.name, metrics.get("test/acc", float("nan")))
+    return {"metrics": metrics, "train_seconds": time.perf_counter() - start, "config": to_dict(t)}

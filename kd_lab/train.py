@@ -14,9 +14,10 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from kd_lab.builders import CONFIG_DIR as BUILDERS_CONFIG_DIR
 from kd_lab.builders import (
@@ -29,8 +30,10 @@ from kd_lab.builders import (
     group_option,
     to_dict,
 )
+from kd_lab.chain import is_chain, resolve_chain
+from kd_lab.checkpoints import load_weights
 from kd_lab.ddp import job_scope, patch_lightning_hydra_launcher
-from kd_lab.errors import brief
+from kd_lab.errors import KDLabError, brief
 from kd_lab.loggers import build_loggers, finish_loggers, quiet_lightning_console
 from kd_lab.module import count_parameters
 from kd_lab.results import write_results
@@ -51,6 +54,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     start = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
     check_compatible(cfg.algorithm.name, cfg.scheme.name)
+    scheme = build(cfg.scheme)
+    if scheme.teacher_source == "none" and not is_chain(cfg):
+        cfg = replace_nodes(cfg, teacher=None)  # the network teaches itself: no teacher config applies
     results: dict[str, Any] = {
         "status": "running",
         "seed": cfg.seed,
@@ -63,21 +69,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     try:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = build_datamodule(cfg)
-        teachers, results["teacher"] = [], {}
-        if cfg.get("teacher"):
-            teacher, results["teacher"] = resolve_teacher(cfg, datamodule)
-            teachers.append(teacher)
-        for i, name in enumerate(cfg.algorithm.get("extra_teachers") or [], start=1):
-            extra, results[f"teacher_{i}"] = resolve_teacher(
-                group_option(cfg, "teacher", name, "teacher", keep=("optim",)), datamodule
-            )
-            teachers.append(extra)
+        if is_chain(cfg):  # teacher-assistant / born-again: earlier stages first; the last one teaches this run
+            cfg, results["chain"] = resolve_chain(cfg, datamodule)
+        teachers, results["teacher"] = build_teachers(cfg, scheme, datamodule)
         teacher = teachers[0] if teachers else None
 
         L.seed_everything(cfg.seed, workers=True, verbose=False)  # same student init, cached teacher or not
         student = build_model(cfg.student.model)
         algorithm = build(cfg.algorithm)
-        scheme = build(cfg.scheme)
         module = build_module(cfg, datamodule, student, algorithm, scheme, cfg.optim, teachers)
 
         loggers = build_loggers(cfg.get("logger"))
@@ -109,6 +108,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             results["best"]["val/acc"] = float(module.val_acc_best.compute())
         else:  # no checkpoint (fast_dev_run, checkpointing off): the last weights are all there is
             results["best"] = dict(results["last"])
+        results["algorithm"] = algorithm.report(module.student, datamodule.example_input(module.input_key))
         for logger in loggers:
             logger.log_metrics({"params/student": results["params"]["student"]})
         results["status"] = "finished"
@@ -127,6 +127,58 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         finish_loggers(loggers)
 
 
+def build_teachers(cfg: DictConfig, scheme, datamodule) -> tuple[list, dict[str, Any]]:
+    """The run's teachers and what results.json records about the first: from the store (frozen) or, when the
+    scheme trains them, freshly initialized (a cohort's peers, for algorithms that declare ``peers``)."""
+    if scheme.teacher_source == "fresh":
+        return fresh_teachers(cfg)
+    if not cfg.get("teacher"):
+        return [], {}
+    teacher, info = resolve_teacher(cfg, datamodule)
+    teachers = [teacher]
+    for i, name in enumerate(cfg.algorithm.get("extra_teachers") or [], start=1):
+        extra, info[f"extra_{i}"] = resolve_teacher(
+            group_option(cfg, "teacher", name, "teacher", keep=("optim",)), datamodule
+        )
+        teachers.append(extra)
+    return teachers, info
+
+
+def fresh_teachers(cfg: DictConfig) -> tuple[list, dict[str, Any]]:
+    """Teachers that learn in the run: the teacher config, or a cohort's peers (``algorithm.peers`` - 1 models
+    from ``algorithm.peer_models``, student configs, by default copies of the student's architecture). Each
+    gets its own seed, so peers of one architecture start from different weights."""
+    peers = cfg.algorithm.get("peers")
+    if peers is None:
+        specs = [cfg.teacher]
+    else:
+        names = list(cfg.algorithm.get("peer_models") or [cfg.student.name] * (peers - 1))
+        if len(names) != peers - 1:
+            raise KDLabError(
+                f"algorithm.peer_models names {len(names)} models for algorithm.peers={peers}: give peers - 1 "
+                "student configs (the student is peer 0), or leave it empty for copies of the student."
+            )
+        specs = [cfg.student if n == cfg.student.name else group_option(cfg, "student", n, "student").student
+                 for n in names]  # fmt: skip
+    teachers = []
+    for k, spec in enumerate(specs, start=1):
+        torch.manual_seed(cfg.seed + 100_003 * k)  # not the student's init stream
+        teacher = build_model(spec.model)
+        if spec.get("ckpt_path"):  # a warm start for an online teacher
+            load_weights(teacher, spec.ckpt_path, "teacher")
+        teachers.append(teacher)
+    info = {"name": specs[0].name, "params": count_parameters(teachers[0]), "source": "online"}
+    return teachers, info
+
+
+def replace_nodes(cfg: DictConfig, **nodes: Any) -> DictConfig:
+    new = cfg.copy()
+    with open_dict(new):
+        for key, value in nodes.items():
+            new[key] = value
+    return new
+
+
 def summary(results: dict[str, Any], path: Path) -> str:
     names = results["names"]
     best, teacher = results["best"], results.get("teacher") or {}
@@ -142,6 +194,11 @@ def summary(results: dict[str, Any], path: Path) -> str:
             f"  teacher test acc {best['test/teacher_acc']:.4f} ({origin})"
             f" | agreement {best['test/agreement']:.4f} | KL to teacher {best['test/kl_to_teacher']:.4f}"
         )
+    others = {k.split("/")[0]: v for k, v in best.items() if k.endswith("/test/acc")}
+    if others:  # models evaluated next to the student: learning teachers, peers, exits, their ensemble
+        lines.append("  also: " + " | ".join(f"{name} {acc:.4f}" for name, acc in others.items()))
+    for stage in results.get("chain", []):
+        lines.append(f"  chain stage {stage['stage']}: test acc {stage['metrics']['test/acc']:.4f}")
     p = results["params"]
     lines.append(
         f"  params: student {p['student']:,}"

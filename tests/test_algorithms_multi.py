@@ -115,13 +115,13 @@ def test_multi_teacher_resolves_every_teacher_from_the_store(make_cfg):
         "algorithm.aggregation=confidence", "algorithm.hint_weight=1.0", "algorithm.hint_teachers=[0,1]",
     )  # fmt: skip
     results, objs = train(cfg)
-    assert results["teacher"]["name"] == "cnn1d_large" and results["teacher_1"]["name"] == "mlp_large"
+    assert results["teacher"]["name"] == "cnn1d_large" and results["teacher"]["extra_1"]["name"] == "mlp_large"
     assert len(objs["module"].teachers) == 2
     assert set(objs["module"].algorithm.connectors) == {"0", "1"}
     again, _ = train(
         make_cfg("algorithm=multi_teacher", "teacher=cnn1d_large", "teacher.model.channels=[8,8,8]", run="b")
     )
-    assert again["teacher"]["reused"] and again["teacher_1"]["reused"]
+    assert again["teacher"]["reused"] and again["teacher"]["extra_1"]["reused"]
 
 
 def test_cross_modal_teacher_reads_its_own_modality(make_cfg):

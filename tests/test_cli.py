@@ -87,3 +87,23 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     results = [json.loads((job / "results.json").read_text()) for job in sweep.iterdir() if job.is_dir()]
     statuses = {r["config"]["student"]["model"]["num_classes"]: r["status"] for r in results}
     assert statuses == {7: "failed", 10: "finished"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        ["scheme=online", "algorithm=kd"],
+        ["scheme=online", "algorithm=codistillation", "algorithm.peers=3"],
+        ["scheme=self", "algorithm=byot", "student=cnn1d_tiny"],
+        ["scheme=self", "algorithm=born_again"],
+        ["algorithm=teacher_assistant", "algorithm.assistants=[mlp_medium]"],
+    ],
+    ids=["online_kd", "codistillation", "byot", "born_again", "teacher_assistant"],
+)
+def test_every_scheme_under_ddp(tmp_path, scheme):
+    kd_lab(tmp_path, *FAST, "trainer=ddp_cpu", "logger=none", *scheme)
+    (run,) = (tmp_path / "logs" / "runs").iterdir()
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "finished" and results["world_size"] == 2
+    assert 0.0 <= results["best"]["test/acc"] <= 1.0

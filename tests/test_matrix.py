@@ -19,6 +19,8 @@ PAIRING = ["teacher=cnn1d_large", "teacher.model.channels=[8,16,16]"]
 # (algorithm, student) pairs a method cannot bridge by design: the build must say why (message fragment).
 BUILD_ERRORS: dict[tuple[str, str], str] = {
     ("attention", "mlp_small"): r"attention transfer needs spatial feature maps.*Pick algorithm=fitnet or kd",
+    # one hidden layer: no section before the deepest to attach an exit to
+    ("byot", "mlp_small"): r"byot with exits=all needs a student with at least 2 stage_taps.*algorithm.exits",
 }
 # algorithms that need a particular kind of data
 DATA = {"cross_modal": "data=fake_xmodal"}

@@ -3,6 +3,8 @@
 from kd_lab.algorithms.adversarial import Adversarial
 from kd_lab.algorithms.attention import AttentionTransfer
 from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs, cross_entropy
+from kd_lab.algorithms.byot import BYOT
+from kd_lab.algorithms.codistillation import Codistillation
 from kd_lab.algorithms.crd import CRD
 from kd_lab.algorithms.cross_modal import CrossModal
 from kd_lab.algorithms.dkd import DKD
@@ -15,6 +17,7 @@ from kd_lab.algorithms.rkd import RKD
 from kd_lab.algorithms.sp import SP
 
 __all__ = [
+    "BYOT",
     "CRD",
     "DKD",
     "KD",
@@ -25,6 +28,7 @@ __all__ = [
     "Algorithm",
     "AttentionTransfer",
     "BuildContext",
+    "Codistillation",
     "CrossModal",
     "FitNet",
     "MultiTeacher",

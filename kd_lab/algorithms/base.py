@@ -26,6 +26,9 @@ class StepOutputs:
     teacher_features: dict[str, Tensor] = field(default_factory=dict)  # the first teacher's taps
     all_teacher_logits: list[Tensor] = field(default_factory=list)  # every teacher (multi-teacher methods)
     all_teacher_features: list[dict[str, Tensor]] = field(default_factory=list)
+    # Teachers that learn (online scheme): their logits with gradients. The fields above then hold detached
+    # copies, so a distillation term never pushes the teacher toward the student by accident.
+    live_teacher_logits: list[Tensor] = field(default_factory=list)
 
     @property
     def target(self) -> Tensor:
@@ -41,6 +44,8 @@ class BuildContext:
     train_targets: torch.Tensor | None = None  # label of each training index (class-aware negative sampling)
     all_teacher_shapes: list[dict[str, torch.Size]] = field(default_factory=list)  # one dict per teacher
     paired_inputs: bool = False  # teacher and student read different inputs (cross-modal data)
+    input_key: str = "input"  # the batch key the student reads
+    teacher_input_key: str = "input"  # the batch key the teachers read
 
 
 def cross_entropy(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
@@ -61,6 +66,9 @@ class Algorithm(nn.Module):
     manual_optimization: bool = False
     adversary_steps: int = 1
     adversary_every: int = 1
+    # True: the algorithm writes the loss terms of the teachers that learn (a cohort of peers), from
+    # ``live_teacher_logits``; otherwise the scheme adds its own teacher terms.
+    trains_teachers: bool = False
 
     def __init__(self, ce_weight: float = 1.0):
         super().__init__()
@@ -77,6 +85,19 @@ class Algorithm(nn.Module):
     def teacher_taps_of(self, index: int) -> list[str]:
         """Taps of teacher ``index`` (0 is the reference teacher; multi-teacher methods use the others)."""
         return self.teacher_taps if index == 0 else []
+
+    def teacher_name(self, index: int) -> str:
+        """The metric prefix of teacher ``index`` when it learns (``teacher/val/acc``; a cohort says ``peer1``)."""
+        return "teacher" if index == 0 else f"teacher{index}"
+
+    def exit_logits(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Extra classifiers evaluated next to the student (multi-exit self-distillation), from the student's
+        recorded features: ``{name: logits}``; each gets ``<name>/val/acc`` and ``<name>/test/acc``."""
+        return {}
+
+    def report(self, student: nn.Module, example: Tensor) -> dict:
+        """What ``results.json`` should record about the algorithm's own parts (e.g. each exit's cost)."""
+        return {}
 
     def on_epoch_start(self, epoch: int, max_epochs: int) -> None:
         """Called at the start of every training epoch (warm-ups, schedules of loss weights)."""

@@ -3,6 +3,8 @@
 from kd_lab.errors import KDLabError
 from kd_lab.schemes.base import Scheme
 from kd_lab.schemes.offline import Offline
+from kd_lab.schemes.online import Online
+from kd_lab.schemes.self_distillation import SelfDistillation
 
 # scheme name -> algorithm names it can run. An algorithm missing here cannot run under that scheme.
 COMPATIBLE: dict[str, frozenset[str]] = {
@@ -20,8 +22,26 @@ COMPATIBLE: dict[str, frozenset[str]] = {
             "dkd",
             "fitnet",
             "attention",
+            "teacher_assistant",
         }
     ),
+    # the teacher learns too: its outputs reach the algorithm detached; the scheme adds its own terms
+    "online": frozenset(
+        {
+            "kd",
+            "dkd",
+            "fitnet",
+            "attention",
+            "sp",
+            "rkd",
+            "pkt",
+            "crd",
+            "adversarial",
+            "cross_modal",
+            "codistillation",
+        }
+    ),
+    "self": frozenset({"byot", "born_again"}),
 }
 
 
@@ -37,4 +57,4 @@ def check_compatible(algorithm: str, scheme: str) -> None:
         )
 
 
-__all__ = ["COMPATIBLE", "Offline", "Scheme", "check_compatible"]
+__all__ = ["COMPATIBLE", "Offline", "Online", "Scheme", "SelfDistillation", "check_compatible"]

@@ -1,0 +1,141 @@
+"""Chains of distillation stages: teacher-assistant and born-again generations.
+
+* ``algorithm=teacher_assistant`` (Mirzadeh et al., AAAI 2020, "Improved Knowledge Distillation via Teacher
+  Assistant", https://arxiv.org/abs/1902.03393): teacher -> assistant(s) -> student, largest first. The
+  paper's point: a mid-sized assistant bridges a capacity gap that plain KD handles badly.
+* ``algorithm=born_again`` under ``scheme=self`` (Furlanello et al., ICML 2018, "Born-Again Neural Networks",
+  https://arxiv.org/abs/1805.04770): generation 0 is the student's architecture trained on the labels;
+  generation k teaches generation k + 1 of the same architecture.
+
+Each stage is a complete kd-lab run (``train``) of the ``inner`` algorithm (any algorithm of the library;
+kd by default), whose student, at its best-validation weights, becomes the next stage's frozen teacher. The
+last stage is the run itself. Finished stages are cached in the teacher store under a key that chains the
+keys of the stages before it, so a second run reuses them and an interrupted chain resumes at the first
+unfinished stage. Every stage uses the run's seed, optimizer and epochs.
+"""
+
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from kd_lab.builders import group_option, to_dict
+from kd_lab.errors import KDLabError
+from kd_lab.teacher_store import DATA_KEYS_IGNORED, cached_entry, teacher_key
+from kd_lab.utils.io import atomic_torch_save
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stage:
+    name: str  # e.g. "assistant1-cnn1d_small", "gen0-mlp_medium"
+    cfg: DictConfig  # the stage's whole run config
+
+
+def is_chain(cfg: DictConfig) -> bool:
+    return cfg.algorithm.get("inner") is not None
+
+
+def _inner(cfg: DictConfig, name: str) -> DictConfig:
+    """``cfg`` with the algorithm replaced by ``name`` plus ``algorithm.inner_overrides`` of the chain."""
+    overrides = cfg.algorithm.get("inner_overrides") or {}
+    new = group_option(cfg, "algorithm", name, "algorithm")
+    with open_dict(new):
+        new.algorithm = OmegaConf.merge(new.algorithm, overrides)
+    return new
+
+
+def _with(cfg: DictConfig, **nodes: Any) -> DictConfig:
+    new = cfg.copy()
+    with open_dict(new):
+        for key, value in nodes.items():
+            new[key] = value
+    return new
+
+
+def _as_teacher(cfg: DictConfig, student: DictConfig, ckpt_path: str) -> DictConfig:
+    """The teacher node that loads a finished stage: its student's architecture and weights."""
+    base = {k: v for k, v in to_dict(cfg.teacher).items() if k not in ("name", "model", "ckpt_path")}
+    node = OmegaConf.merge(base, {"name": student.name, "ckpt_path": ckpt_path})
+    with open_dict(node):
+        node.model = student.model  # kept unresolved: interpolations resolve against the whole config
+    return node
+
+
+def plan(cfg: DictConfig) -> list[tuple[str, DictConfig, DictConfig]]:
+    """``(name, student, algorithm name)`` of every stage before the run's own, in order."""
+    a = cfg.algorithm
+    if a.get("assistants") is not None:
+        if not a.assistants:
+            raise KDLabError("algorithm.assistants is empty: name at least one student config, e.g. [cnn1d_small].")
+        return [
+            (f"assistant{i + 1}-{name}", group_option(cfg, "student", name, "student").student, a.inner)
+            for i, name in enumerate(a.assistants)
+        ]
+    generations = int(a.get("generations", 0))
+    if generations < 1:
+        raise KDLabError(f"algorithm.generations={generations}: born-again needs at least 1 generation after gen0.")
+    return [(f"gen0-{cfg.student.name}", cfg.student, "none")] + [
+        (f"gen{k}-{cfg.student.name}", cfg.student, a.inner) for k in range(1, generations)
+    ]
+
+
+def stage_key(parent: str, stage: DictConfig) -> str:
+    spec = {
+        "parent": parent,
+        "student": to_dict(stage.student.model),
+        "algorithm": to_dict(stage.algorithm),
+        "optim": to_dict(stage.optim),
+        "max_epochs": stage.trainer.max_epochs,
+        "seed": stage.seed,
+        "data": {k: v for k, v in to_dict(stage.data).items() if k not in DATA_KEYS_IGNORED},
+        "trainer": {k: stage.trainer.get(k) for k in ("fast_dev_run", "limit_train_batches", "precision")},
+    }
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def resolve_chain(cfg: DictConfig, datamodule) -> tuple[DictConfig, list[dict[str, Any]]]:
+    """Train or reuse every stage before the run's own; return the run's config (its teacher is the last
+    stage, its algorithm the inner one) and what each stage scored."""
+    from kd_lab.train import train  # a stage is a whole run (train imports this module)
+
+    if datamodule.teacher_input_key != "input":
+        raise KDLabError(
+            f"algorithm={cfg.algorithm.name} chains models that read the same input; paired "
+            "(cross-modal) data has two. Use a single-modality data config."
+        )
+    stages = plan(cfg)
+    if cfg.algorithm.get("assistants") is not None:
+        teacher = cfg.teacher
+        parent = teacher.ckpt_path if teacher.get("ckpt_path") else teacher_key(cfg)
+    else:
+        teacher, parent = None, "born-again"
+    infos = []
+    store = Path(cfg.paths.teacher_store)
+    for name, student, algorithm in stages:
+        stage = _with(_inner(cfg, algorithm), student=student, teacher=teacher, logger=None)
+        stage = _with(stage, scheme=OmegaConf.create({"_target_": "kd_lab.schemes.Offline", "name": "offline"}))
+        key = stage_key(parent, stage)
+        entry = store / f"{cfg.algorithm.name}-{name}-{key}"
+
+        def run_stage(staging: Path, stage: DictConfig = stage, name: str = name) -> dict[str, Any]:
+            log.info("Chain stage %s: training it (%s)", name, stage.algorithm.name)
+            with open_dict(stage):
+                stage.paths.output_dir = str(staging)
+            results, objs = train(stage)
+            atomic_torch_save(objs["module"].student.state_dict(), staging / "teacher.pt")
+            shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # the weights above are what is kept
+            return {"metrics": results["best"], "last": results["last"], "stage": name, "seed": results["seed"]}
+
+        meta, reused = cached_entry(entry, run_stage)
+        if reused:
+            log.info("Chain stage %s: reusing %s (test acc %.4f)", name, entry, meta["metrics"]["test/acc"])
+        infos.append({"stage": name, "reused": reused, "path": str(entry), "key": key, **meta})
+        teacher, parent = _as_teacher(cfg, student, str(entry / "teacher.pt")), key
+    return _with(_inner(cfg, cfg.algorithm.inner), teacher=teacher), infos
