@@ -11,6 +11,8 @@ Module names equal RepDistiller's, so its weights load into these models unchang
 
 from torch import Tensor, nn
 
+from kd_lab.models.cifar.layers import GlobalAvgPool
+
 # (expansion, channels, blocks, first stride) per stage; expansion None = the network's ``expansion``
 STAGES = [(1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2), (None, 96, 3, 1),
           (None, 160, 3, 2), (None, 320, 1, 1)]  # fmt: skip
@@ -59,7 +61,7 @@ class MobileNetV2(nn.Module):
             self.blocks.append(nn.Sequential(*layers))
         last_channels = int(1280 * width_mult) if width_mult > 1.0 else 1280
         self.conv2 = conv_bn_relu(channels, last_channels, 1)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.classifier = nn.Sequential(nn.Linear(last_channels, num_classes))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

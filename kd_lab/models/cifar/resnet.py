@@ -9,6 +9,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from kd_lab.models.cifar.layers import GlobalAvgPool
+
 
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN, plus the input (1x1 conv + BN when the shape changes), then ReLU."""
@@ -55,7 +57,7 @@ class CifarResNet(nn.Module):
         self.layer1 = make_stage(widths[0], widths[1], n, stride=1)
         self.layer2 = make_stage(widths[1], widths[2], n, stride=2)
         self.layer3 = make_stage(widths[2], widths[3], n, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.fc = nn.Linear(widths[3], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd_lab.models.cifar.layers import GlobalAvgPool
+
 
 class Bottleneck(nn.Module):
     expansion = 4
@@ -47,7 +49,7 @@ class BottleneckResNet(nn.Module):
                 in_planes = planes * Bottleneck.expansion
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.linear = nn.Linear(in_planes, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lab.models.cifar.shuffle import ChannelShuffle
+from kd_lab.models.cifar.layers import ChannelShuffle, GlobalAvgPool
 
 
 class ShuffleBottleneck(nn.Module):
@@ -50,7 +50,7 @@ class ShuffleNetV1(nn.Module):
             stages.append(nn.Sequential(*blocks))
             in_planes = planes
         self.layer1, self.layer2, self.layer3 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.linear = nn.Linear(in_planes, num_classes)
         self.stage_taps = ["layer1", "layer2", "layer3"]  # RepDistiller's feat[1:4]
         self.embedding_tap = "avgpool"

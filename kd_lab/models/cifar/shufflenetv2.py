@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lab.models.cifar.shuffle import ChannelShuffle
+from kd_lab.models.cifar.layers import ChannelShuffle, GlobalAvgPool
 
 
 class SplitHalves(nn.Module):
@@ -82,7 +82,7 @@ class ShuffleNetV2(nn.Module):
         self.layer1, self.layer2, self.layer3 = stages
         self.conv2 = nn.Conv2d(in_channels, out_channels[3], 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels[3])
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.linear = nn.Linear(out_channels[3], num_classes)
         self.stage_taps = ["layer1", "layer2", "layer3"]  # RepDistiller's feat[1:4]
         self.embedding_tap = "avgpool"

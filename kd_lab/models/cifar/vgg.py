@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
+from kd_lab.models.cifar.layers import GlobalAvgPool
+
 # conv widths per block (the reference's configs "S", "A", "B", "D", "E")
 BLOCKS = {
     8: [[64], [128], [256], [512], [512]],
@@ -40,7 +42,7 @@ class VGG(nn.Module):
             in_channels = widths[-1]
         self.block0, self.block1, self.block2, self.block3, self.block4 = blocks
         self.pool0, self.pool1, self.pool2, self.pool3 = (nn.MaxPool2d(2, 2) for _ in range(4))
-        self.pool4 = nn.AdaptiveAvgPool2d(1)
+        self.pool4 = GlobalAvgPool()
         self.classifier = nn.Linear(512, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -7,6 +7,8 @@ Module names equal RepDistiller's, so its released teacher weights load into the
 
 from torch import Tensor, nn
 
+from kd_lab.models.cifar.layers import GlobalAvgPool
+
 
 class PreActBlock(nn.Module):
     """BN-ReLU-conv3x3-BN-ReLU-conv3x3 plus the input. When the width changes, the shortcut is a 1x1 conv of the
@@ -58,7 +60,7 @@ class WideResNet(nn.Module):
         self.block3 = WideStage(n, widths[2], widths[3], stride=2)
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.relu = nn.ReLU()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.fc = nn.Linear(widths[3], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
