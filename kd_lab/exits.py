@@ -57,7 +57,7 @@ def export_exit(student: nn.Module, algorithm, name: str) -> nn.Module:
     return copy.deepcopy(models[name]).eval()
 
 
-def _executed_parameters(model: nn.Module, x: Tensor) -> int:
+def executed_parameters(model: nn.Module, x: Tensor) -> int:
     """Parameters of the modules that actually run for ``x`` (what an early exit really needs)."""
     ran: set[nn.Module] = set()
     handles = [m.register_forward_hook(lambda m, i, o: ran.add(m)) for m in model.modules()]
@@ -83,7 +83,7 @@ def exit_costs(student: nn.Module, algorithm, example: Tensor) -> dict[str, dict
                 model(example[:1])
             costs[name] = {
                 "tap": getattr(model, "path", "."),
-                "params": _executed_parameters(model, example[:1]),
+                "params": executed_parameters(model, example[:1]),
                 "flops": int(counter.get_total_flops()),
             }
     finally:

@@ -239,6 +239,22 @@ def test_byot_run_reports_each_exit_and_its_cost(make_cfg):
         assert 0.0 <= results["best"][key] <= 1.0
 
 
+def test_export_exit_cli_writes_a_plain_model(make_cfg, tmp_path, capsys):
+    from kd_lab.export import load_run, main
+
+    train(make_cfg("scheme=self", "algorithm=byot", "student=cnn1d_tiny", "trainer.max_epochs=1"))
+    main([str(tmp_path / "run"), "--exit", "exit1", "--out", str(tmp_path / "exit1.pt")])
+    assert "parameters used" in capsys.readouterr().out
+    plain = torch.jit.load(str(tmp_path / "exit1.pt"))
+    module, datamodule = load_run(tmp_path / "run")
+    module.eval()
+    x = datamodule.example_input("input")
+    with module.student_recorder:
+        module.student(x)
+    inside = module.algorithm.exit_logits(module.student_recorder.features)["exit1"]
+    torch.testing.assert_close(plain(x), inside)
+
+
 # -- chains: teacher assistant, born-again ---------------------------------------------------------------
 def test_teacher_assistant_chain_caches_stages_and_resumes(make_cfg, tmp_path):
     overrides = ("algorithm=teacher_assistant", "algorithm.assistants=[mlp_medium,mlp_small]", "student=mlp_small",
