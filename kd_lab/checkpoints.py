@@ -7,11 +7,26 @@ from torch import nn
 
 from kd_lab.errors import KDLabError, brief
 
+SHOWN = 5  # keys listed per kind of mismatch
+
+
+def _fix(path: Path, role: str) -> str:
+    """The fix for a file that cannot be used: a teacher-store entry is retrained once it is deleted."""
+    if (path.parent / "meta.json").is_file():
+        return f"delete the teacher-store entry {path.parent} and the next run retrains it"
+    return f"re-create it, or set {role}.ckpt_path=null to train the {role} (it is cached for later runs)"
+
 
 def read_state_dict(path: str | Path, role: str = "teacher") -> dict[str, torch.Tensor]:
     """Accepts a kd-lab teacher-store file, a kd-lab/Lightning checkpoint (``student.*`` keys) or a plain
     state dict."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(str(p) for p in (*path.glob("*.pt"), *path.glob("checkpoints/*.ckpt")))[:3]
+        raise KDLabError(
+            f"{role}.ckpt_path={path} is a directory, not a checkpoint file; point it at a file"
+            + (f", e.g. {inside[0]}." if inside else " (a teacher.pt or a run's checkpoints/best.ckpt).")
+        )
     if not path.is_file():
         raise KDLabError(
             f"{role}.ckpt_path={path} does not exist. Point it at a checkpoint file, or set "
@@ -20,9 +35,14 @@ def read_state_dict(path: str | Path, role: str = "teacher") -> dict[str, torch.
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+            raise KDLabError(
+                f"{role} checkpoint {path} holds Python objects besides tensors, which safe loading refuses "
+                f"({brief(e, 80)}); save plain model.state_dict() (or containers of tensors) instead."
+            ) from e
         raise KDLabError(
             f"{role} checkpoint {path} cannot be read ({brief(e)}): it is truncated, "
-            "corrupt or not a torch checkpoint. Re-create it, or set ckpt_path=null to retrain."
+            f"corrupt or not a torch checkpoint; {_fix(path, role)}."
         ) from e
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -30,6 +50,10 @@ def read_state_dict(path: str | Path, role: str = "teacher") -> dict[str, torch.
     if state and all(k.startswith("student.") for k in state):  # a kd-lab run's checkpoint
         state = {k.removeprefix("student."): v for k, v in state.items()}
     return state
+
+
+def _listed(keys: list[str]) -> str:
+    return f"{keys[:SHOWN]}" + (f"... ({len(keys)} in all)" if len(keys) > SHOWN else "")
 
 
 def load_weights(model: nn.Module, path: str | Path, role: str = "teacher") -> nn.Module:
@@ -45,9 +69,10 @@ def load_weights(model: nn.Module, path: str | Path, role: str = "teacher") -> n
     if missing or unexpected or mismatched:
         raise KDLabError(
             f"{role} checkpoint {path} does not fit {type(model).__name__} ({role}.model): "
-            f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected keys "
-            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, shape mismatches {mismatched[:5]}. "
-            f"Pick the {role} config of the architecture that wrote it."
+            f"missing keys {_listed(missing)}, unexpected keys {_listed(unexpected)}, "
+            f"shape mismatches (file vs model) {_listed(mismatched)}. It was saved from another architecture: "
+            f"pick the {role} config that wrote it ({role}=<name>, {role}.model.* as it was), "
+            f"or {_fix(Path(path), role)}."
         )
     model.load_state_dict(state)
     return model

@@ -1,15 +1,21 @@
 """Loggers from config: W&B (offline unless the user has configured it), CSV, or none.
 
 W&B facts that shape this file (STACK-NOTES): online with a key but no network hangs ~100 s, so online is
-used only when credentials exist *and* the server answers within a second or two; ``WandbLogger(offline=True)``
+used only when credentials exist *and* the server answers within a second or two (name lookup included: a
+resolver without network can stall for many seconds, so it runs in a thread with a deadline); online
+without credentials would ask for a login (an error without a terminal, a prompt that blocks with one), so
+it falls back to offline with a warning too. ``WandbLogger(offline=True)``
 leaks ``WANDB_MODE=dryrun`` into the environment, so the mode is passed through to ``wandb.init`` instead;
 every job of a multirun must ``wandb.finish()``.
 """
 
+import contextlib
 import logging
 import netrc
 import os
 import socket
+import threading
+import time
 from urllib.parse import urlparse
 
 from hydra.utils import instantiate
@@ -17,14 +23,18 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
+SYNC_HINT = "<run dir>/wandb/offline-run-*"
 
 
 def _has_wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
+    """Where ``wandb`` itself looks: the key or an identity token in the environment, then the netrc file
+    (``NETRC``, else ``~/.netrc``, written by ``wandb login``)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
     try:
-        return netrc.netrc().authenticators(urlparse(_wandb_base_url()).hostname or "") is not None
-    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return netrc.netrc(path).authenticators(urlparse(_wandb_base_url()).hostname or "") is not None
+    except (netrc.NetrcParseError, OSError):
         return False
 
 
@@ -33,26 +43,58 @@ def _wandb_base_url() -> str:
 
 
 def _reachable(url: str, timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds, name lookup included."""
     parsed = urlparse(url)
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    deadline = time.monotonic() + timeout
+    found: list = []
+    # getaddrinfo has no timeout of its own: look the name up in a daemon thread and stop waiting for it
+    lookup = threading.Thread(target=_lookup, args=(parsed.hostname, port, found), daemon=True)
+    lookup.start()
+    lookup.join(timeout)
+    for family, kind, proto, _, address in found:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(left)
+                sock.connect(address)
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _lookup(host: str | None, port: int, found: list) -> None:
+    with contextlib.suppress(OSError):
+        found.extend(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
 
 
 def wandb_mode(requested: str | None) -> str:
-    """``requested`` (config) > ``WANDB_MODE`` > online if credentials and server reachable > offline."""
+    """``requested`` (config) > ``WANDB_MODE`` > online if credentials and server reachable > offline.
+    Online asked for but impossible (no credentials, no server) falls back to offline with a warning."""
     mode = requested or os.environ.get("WANDB_MODE")
     if mode == "dryrun":
         mode = "offline"
     if mode in ("offline", "disabled"):
         return mode
-    if mode is None and not _has_wandb_credentials():
+    if not _has_wandb_credentials():
+        if mode is not None:  # asked for online: say why it is not
+            log.warning(
+                "W&B mode %s but no API key (WANDB_API_KEY or `wandb login`): logging offline; "
+                "sync later with `wandb sync %s`.",
+                mode,
+                SYNC_HINT,
+            )
         return "offline"
     if _reachable(_wandb_base_url()):
         return "online"
-    log.warning("W&B server %s unreachable: logging offline (sync later with `wandb sync`).", _wandb_base_url())
+    log.warning(
+        "W&B server %s unreachable within 2 s: logging offline; sync later with `wandb sync %s`.",
+        _wandb_base_url(),
+        SYNC_HINT,
+    )
     return "offline"
 
 

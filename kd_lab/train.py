@@ -37,6 +37,7 @@ from kd_lab.errors import KDLabError, brief
 from kd_lab.loggers import build_loggers, finish_loggers, quiet_lightning_console
 from kd_lab.module import count_parameters
 from kd_lab.results import write_results
+from kd_lab.schema import validate_config
 from kd_lab.schemes import check_compatible
 from kd_lab.teacher_store import resolve_teacher
 
@@ -51,6 +52,7 @@ def _test(trainer: L.Trainer, module, datamodule, ckpt_path: str | None, suffix:
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one student as ``cfg`` says; returns ``(results, objects)``."""
+    validate_config(cfg)  # every bad key, value, file or pairing: one clear error before anything is built
     start = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
     check_compatible(cfg.algorithm.name, cfg.scheme.name)

@@ -128,7 +128,10 @@ def check_split(name: str, x: Tensor, y: Tensor, num_classes: int, input_shape: 
     if len(x) != len(y):
         raise KDLabError(f"data split '{name}': {len(x)} inputs but {len(y)} targets; regenerate the data files.")
     if tuple(x.shape[1:]) != tuple(input_shape):
-        raise KDLabError(f"data split '{name}': inputs of shape {tuple(x.shape[1:])}, expected {tuple(input_shape)}.")
+        raise KDLabError(
+            f"data split '{name}': inputs of shape {tuple(x.shape[1:])}, but the data config declares "
+            f"{tuple(input_shape)}; set data.input_shape={list(x.shape[1:])} or regenerate the data files."
+        )
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten()[:5].tolist()
         raise KDLabError(

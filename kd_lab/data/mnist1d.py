@@ -8,6 +8,7 @@ generator arguments. Inputs are ``(B, 1, 40)``.
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ class MNIST1dDataModule(TensorDataModule):
     def prepare_data(self) -> None:
         if self.cache_file.exists():
             return
+        self._check_data_dir()  # before generating: a bad data_dir must not cost the generation first
         from mnist1d.data import get_dataset_args, make_dataset
 
         args = get_dataset_args()
@@ -49,14 +51,31 @@ class MNIST1dDataModule(TensorDataModule):
         }
         atomic_torch_save(arrays, self.cache_file)
 
+    def _check_data_dir(self) -> None:
+        folder = self.cache_file.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            writable = os.access(folder, os.W_OK)
+        except OSError as e:
+            problem = brief(e)
+        else:
+            problem = "" if writable else "not writable"
+        if problem:
+            raise KDLabError(
+                f"data.data_dir={self.data_dir} cannot hold the MNIST-1D cache ({problem}); set "
+                "paths.data_dir to a writable directory (it is created if missing)."
+            )
+
     def load(self) -> dict[str, tuple[Tensor, Tensor]]:
         self.prepare_data()  # idempotent; covers setup() without a Trainer (tests, probing)
         try:
             d = torch.load(self.cache_file, weights_only=True)
             arrays = {"train": (d["x"], d["y"]), "test": (d["x_test"], d["y_test"])}
         except Exception as e:
+            # not regenerated silently: the file is derived data, but a corrupt one points at a disk or copy
+            # problem worth seeing, and kd-lab never deletes a file it did not just write
             raise KDLabError(
-                f"MNIST-1D cache file {self.cache_file} is unreadable ({brief(e)}); "
-                "delete it and it will be regenerated."
+                f"MNIST-1D cache file {self.cache_file} is unreadable ({brief(e)}): it is truncated or corrupt; "
+                f"delete it (rm {self.cache_file}) and the next run regenerates it."
             ) from e
         return {name: (x.unsqueeze(1), y) for name, (x, y) in arrays.items()}
