@@ -1,0 +1,60 @@
+"""The CIFAR-100 CRD benchmark's config composes and runs: a fast_dev_run of resnet8x4 <- resnet32x4 with the
+reference recipe (experiment=cifar100_crd/<pair>) on tiny files in the CIFAR-100 python format."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_cifar_data import write_fake_cifar
+
+from kd_lab.train import train
+
+EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "cifar100_crd"
+TINY = ["data.val_size=8", "data.batch_size=8", "data.eval_batch_size=16", "trainer.accelerator=cpu"]
+
+
+def test_every_pair_composes_with_the_reference_recipe(make_cfg):
+    pairs = sorted(p.stem for p in (EXPERIMENT.parent.parent / "conf/experiment/cifar100_crd").glob("*.yaml"))
+    assert len(pairs) == 13
+    for pair in pairs:
+        cfg = make_cfg(f"experiment=cifar100_crd/{pair}", fast=False)
+        teacher, student = pair.split("-")
+        assert (cfg.teacher.name, cfg.student.name, cfg.data.name) == (teacher, student, "cifar100")
+        assert cfg.trainer.max_epochs == 240 and cfg.teacher.max_epochs == 240 and cfg.data.batch_size == 64
+        assert list(cfg.optim.scheduler.milestones) == [150, 180, 210] and cfg.optim.optimizer.weight_decay == 5e-4
+        low = student in ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+        assert cfg.optim.optimizer.lr == (0.01 if low else 0.05) and cfg.teacher.optim.optimizer.lr == 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["kd", "crd"])
+def test_a_pair_runs_fast_dev_run_on_fake_cifar(make_cfg, tmp_path, algorithm):
+    data = write_fake_cifar(tmp_path / "cifar", "cifar100", per_file=40)
+    cfg = make_cfg(
+        "experiment=cifar100_crd/resnet32x4-resnet8x4", f"algorithm={algorithm}", "debug=fdr", *TINY, fast=False
+    )
+    cfg.paths.data_dir = str(data)
+    results, _ = train(cfg)
+    assert results["status"] == "finished"
+    assert results["params"]["student"] == 1233540 and results["params"]["teacher"] == 7433860
+    assert 0.0 <= results["best"]["test/acc"] <= 1.0
+
+
+def test_compare_reference_lines_up_a_kd_lab_table(tmp_path):
+    """compare_reference.py reads kd-lab-compare's CSV (fractions) and reports the gap to reference.csv (%)."""
+    table = tmp_path / "table.csv"
+    fields = ["data", "teacher", "student", "algorithm", "scheme", "setting", "acc_best", "std_best", "acc_last",
+              "std_last", "teacher_acc", "seeds"]  # fmt: skip
+    with table.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerow(dict(zip(fields, ["cifar100", "resnet32x4", "resnet8x4", "crd", "offline", "-", "0.752",
+                                          "0.001", "0.7561", "0.002", "0.79", "3"], strict=True)))  # fmt: skip
+    out = tmp_path / "gap.json"
+    script = EXPERIMENT / "compare_reference.py"
+    subprocess.run([sys.executable, str(script), str(table), "--json", str(out)], check=True, capture_output=True)
+    (row,) = [r for r in json.loads(out.read_text()) if r["algorithm"] == "crd"]
+    assert row["reference"] == 75.51 and row["ours"] == pytest.approx(75.61) and row["gap"] == pytest.approx(0.10)
