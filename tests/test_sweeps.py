@@ -1,0 +1,128 @@
+"""Sweeps beyond the sequential grid: joblib in parallel, Optuna (stored and resumed), submitit's local
+executor (the SLURM launcher's code path), and the W&B sweep file. Subprocesses are slow (~10 s each)."""
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from kd_lab.train import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["data=fake", "teacher=mlp_large", "student=mlp_small", "teacher.max_epochs=2", "trainer.max_epochs=2"]
+
+
+def kd_lab(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KD_LAB_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "kd_lab.train", *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def job_results(sweep: Path) -> list[dict]:
+    jobs = [job for job in sorted(sweep.iterdir()) if job.is_dir() and not job.name.startswith(".")]  # not .submitit
+    return [json.loads((job / "results.json").read_text()) for job in jobs]
+
+
+def the_sweep(tmp_path: Path) -> Path:
+    (sweep,) = (tmp_path / "logs" / "multiruns").iterdir()
+    return sweep
+
+
+@pytest.mark.slow
+def test_joblib_runs_jobs_in_parallel_processes_and_records_failures(tmp_path):
+    """Two jobs on two loky workers at once; the one with a 7-class student fails inside train() and is
+    recorded as failed while the other finishes (the sweep goes on)."""
+    out = kd_lab(tmp_path, "-m", "hydra/launcher=parallel", "debug=fdr", *TINY, "student.model.num_classes=7,10")
+    assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr
+    runs = job_results(the_sweep(tmp_path))
+    assert sorted((r["config"]["student"]["model"]["num_classes"], r["status"]) for r in runs) == [
+        (7, "failed"),
+        (10, "finished"),
+    ]
+    assert "KDLabError" in next(r["error"] for r in runs if r["status"] == "failed")
+
+
+def optuna_trials(db: Path) -> list[tuple[str, float | None, dict[str, float]]]:
+    """(state, value, params) of every trial in the study's SQLite file, read without optuna's API."""
+    with sqlite3.connect(db) as con:
+        trials = con.execute("SELECT trial_id, state FROM trials ORDER BY trial_id").fetchall()
+        out = []
+        for trial_id, state in trials:
+            value = con.execute("SELECT value FROM trial_values WHERE trial_id=?", (trial_id,)).fetchone()
+            params = dict(con.execute("SELECT param_name, param_value FROM trial_params WHERE trial_id=?", (trial_id,)))
+            out.append((state, value[0] if value else None, params))
+    return out
+
+
+@pytest.mark.slow
+def test_optuna_search_maximizes_val_acc_and_resumes_from_its_storage(tmp_path):
+    kd_lab(tmp_path, "-m", "hparams_search=kd_optuna", "hydra.sweeper.n_trials=2", *TINY, "logger=none")
+    sweep = the_sweep(tmp_path)
+    db = sweep / "optuna.db"
+    trials = optuna_trials(db)
+    assert [t[0] for t in trials] == ["COMPLETE", "COMPLETE"]
+    for i, (_, value, params) in enumerate(trials):
+        results = json.loads((sweep / f"trial_{i}" / "results.json").read_text())
+        algorithm = results["config"]["algorithm"]
+        assert {k.split(".")[1]: algorithm[k.split(".")[1]] for k in params} == {
+            k.split(".")[1]: pytest.approx(v) for k, v in params.items()
+        }
+        assert value == pytest.approx(results["best"]["val/acc"])  # validation, never test
+        assert set(params) == {"algorithm.temperature", "algorithm.ce_weight", "algorithm.kd_weight"}
+
+    # a second search on the same storage adds to the study (sampler seed changed, or its random start repeats)
+    args = ["hydra.sweeper.n_trials=1", f"hydra.sweeper.storage.path={db}", "hydra.sweeper.sampler.seed=1"]
+    kd_lab(tmp_path, "-m", "hparams_search=kd_optuna", *args, *TINY, "logger=none")
+    resumed = optuna_trials(db)
+    assert len(resumed) == 3 and resumed[:2] == trials and resumed[2][0] == "COMPLETE"
+    assert len(list((tmp_path / "logs" / "multiruns").iterdir())) == 2  # the new trial ran in its own sweep dir
+
+
+@pytest.mark.slow
+def test_submitit_local_executor_runs_each_job_in_its_own_process(tmp_path):
+    kd_lab(tmp_path, "-m", "hydra/launcher=slurm_local", "debug=fdr", *TINY, "seed=1")
+    sweep = the_sweep(tmp_path)
+    assert [(r["seed"], r["status"]) for r in job_results(sweep)] == [(1, "finished")]
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 1  # it went through submitit
+
+
+def test_launcher_configs_compose():
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        launchers = {"parallel": "JoblibLauncher", "slurm": "SlurmLauncher", "slurm_local": "LocalLauncher"}
+        for launcher, target in launchers.items():
+            cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+            assert cfg.hydra.launcher._target_.endswith(target)
+        overrides = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=4"]
+        slurm = compose("train", overrides=overrides, return_hydra_config=True)
+        assert slurm.hydra.launcher.tasks_per_node == 4  # one DDP rank per GPU
+
+
+def test_wandb_sweep_parameters_are_valid_overrides():
+    """Every value the W&B sweep can send is a Hydra override kd-lab composes (W&B passes key=value)."""
+    sweep = yaml.safe_load((REPO / "experiments" / "wandb_sweep" / "sweep.yaml").read_text())
+    assert sweep["program"] == "kd-lab" and "${args_no_hyphens}" in sweep["command"]
+    assert sweep["metric"] == {"name": "val/acc_best", "goal": "maximize"}
+    choices = {}
+    for key, spec in sweep["parameters"].items():
+        if "values" in spec:
+            choices[key] = spec["values"]
+        elif "value" in spec:
+            choices[key] = [spec["value"]]
+        else:
+            choices[key] = [spec["min"], spec["max"]]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for key, values in choices.items():
+            for value in values:
+                overrides = [f"{k}={v[0]}" for k, v in choices.items() if k != key] + [f"{key}={value}"]
+                cfg = compose("train", overrides=overrides, return_hydra_config=True)
+                groups = cfg.hydra.runtime.choices
+                assert (groups[key] if key in groups else OmegaConf.select(cfg, key)) == value, key
