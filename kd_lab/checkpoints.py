@@ -1,5 +1,6 @@
 """Loading model weights from a file, with errors that say what is wrong and how to fix it."""
 
+import re
 from pathlib import Path
 
 import torch
@@ -35,13 +36,14 @@ def read_state_dict(path: str | Path, role: str = "teacher") -> dict[str, torch.
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if refused:  # a whole pickled object (a config, a model class), which weights_only loading refuses
             raise KDLabError(
-                f"{role} checkpoint {path} holds Python objects besides tensors, which safe loading refuses "
-                f"({brief(e, 80)}); save plain model.state_dict() (or containers of tensors) instead."
+                f"{role} checkpoint {path} holds a Python object ({refused.group(1)}) that safe loading "
+                "(torch.load weights_only) refuses; save plain model.state_dict() instead."
             ) from e
         raise KDLabError(
-            f"{role} checkpoint {path} cannot be read ({brief(e)}): it is truncated, "
+            f"{role} checkpoint {path} cannot be read ({brief(e, sentence=True)}): it is truncated, "
             f"corrupt or not a torch checkpoint; {_fix(path, role)}."
         ) from e
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None

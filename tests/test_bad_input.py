@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
 
 from kd_lab.builders import build_model
 from kd_lab.checkpoints import read_state_dict
@@ -212,7 +213,12 @@ def test_truncated_mnist1d_cache(make_cfg, on_disk, tmp_path):
     cache.write_bytes(cache.read_bytes()[:200])
     cfg = make_cfg("data=mnist1d")
     cfg.paths.data_dir = str(tmp_path / "data")
-    fails(cfg, f"MNIST-1D cache file {cache} is unreadable", f"delete it (rm {cache}) and the next run regenerates it")
+    fails(
+        cfg,
+        f"MNIST-1D cache file {cache} is unreadable (RuntimeError: PytorchStreamReader failed reading zip archive: "
+        "failed finding central directory.): it is truncated or corrupt",
+        f"delete it (rm {cache}) and the next run regenerates it",
+    )
     assert len(cache.read_bytes()) == 200  # kept for the user to look at, not deleted behind their back
     on_disk()
 
@@ -243,8 +249,20 @@ def test_truncated_teacher_checkpoint(make_cfg, on_disk, tmp_path):
     (tmp_path / "t.pt").write_bytes((tmp_path / "t.pt").read_bytes()[:300])
     fails(
         make_cfg(f"teacher.ckpt_path={tmp_path / 't.pt'}"),
-        "truncated, corrupt or not a torch checkpoint",
+        "cannot be read (RuntimeError: PytorchStreamReader failed reading zip archive: failed finding central "
+        "directory.): it is truncated, corrupt or not a torch checkpoint",
         "set teacher.ckpt_path=null to train the teacher",
+    )
+    on_disk()
+
+
+def test_checkpoint_holding_python_objects(make_cfg, on_disk, tmp_path):
+    weights = build_model(make_cfg().teacher.model).state_dict()
+    torch.save({"state_dict": weights, "hparams": OmegaConf.create({"lr": 0.1})}, tmp_path / "pickled.ckpt")
+    fails(
+        make_cfg(f"teacher.ckpt_path={tmp_path / 'pickled.ckpt'}"),
+        "holds a Python object (omegaconf.dictconfig.DictConfig) that safe loading",
+        "save plain model.state_dict() instead",
     )
     on_disk()
 

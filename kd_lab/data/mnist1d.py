@@ -75,7 +75,7 @@ class MNIST1dDataModule(TensorDataModule):
             # not regenerated silently: the file is derived data, but a corrupt one points at a disk or copy
             # problem worth seeing, and kd-lab never deletes a file it did not just write
             raise KDLabError(
-                f"MNIST-1D cache file {self.cache_file} is unreadable ({brief(e)}): it is truncated or corrupt; "
-                f"delete it (rm {self.cache_file}) and the next run regenerates it."
+                f"MNIST-1D cache file {self.cache_file} is unreadable ({brief(e, sentence=True)}): it is "
+                f"truncated or corrupt; delete it (rm {self.cache_file}) and the next run regenerates it."
             ) from e
         return {name: (x.unsqueeze(1), y) for name, (x, y) in arrays.items()}
