@@ -5,6 +5,7 @@ over seeds at the best-validation epoch and at the last epoch (both protocols, b
 disagree: RepDistiller reports the last epoch, mdistiller the best), the gain over the vanilla student of
 the same (data, teacher, student), the teacher's accuracy, student-teacher agreement, the parameter ratio,
 wall time and the number of seeds. Failed or unfinished runs are listed, never silently dropped.
+It also draws PNG plots (``kd_lab.compare_plots``) and logs the table to W&B (``kd_lab.compare_wandb``).
 """
 
 import argparse
@@ -92,6 +93,7 @@ def summarize(files: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, 
         row["agreement"] = statistics.fmean(agree) if agree else None
         p = runs[0].get("params", {})
         row["param_ratio"] = p["student"] / p["teacher"] if p.get("teacher") else None
+        row["student_params"] = p.get("student")  # the x axis of the accuracy-against-size plot
         row["wall_s"] = statistics.fmean(r["wall_seconds"] for r in runs)
         row["seeds"] = len(runs)
         rows.append(row)
@@ -131,6 +133,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", help="run directories, multirun directories or results.json files")
     parser.add_argument("--csv", type=Path, help="also write the table as CSV here")
     parser.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
+    parser.add_argument(
+        "--plots",
+        type=Path,
+        help="write PNG plots (accuracy per method, accuracy against student size) into this directory "
+        "(default: next to --markdown, named after it; none without either)",
+    )
+    parser.add_argument("--wandb", action="store_true", help="log the table and plots to a W&B run (offline here)")
+    parser.add_argument("--wandb-project", default="kd-lab", help="W&B project (default: kd-lab)")
+    parser.add_argument("--wandb-group", help="W&B group, e.g. the experiment_name of the compared runs")
+    parser.add_argument("--wandb-name", help="W&B run name (default: W&B's own)")
     args = parser.parse_args(argv)
     rows, problems = summarize(find_results(args.paths))
     if not rows and not problems:
@@ -138,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     table = markdown(rows, problems)
     print(table)
+    for path in (args.markdown, args.csv):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
     if args.markdown:
         args.markdown.write_text(table + "\n")
     if args.csv:
@@ -145,6 +160,19 @@ def main(argv: list[str] | None = None) -> int:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else list(KEY))
             writer.writeheader()
             writer.writerows(rows)
+    plots = []
+    if args.plots or args.markdown:
+        from kd_lab.compare_plots import write_plots
+
+        directory, prefix = (args.plots, "") if args.plots else (args.markdown.parent, f"{args.markdown.stem}_")
+        plots = write_plots(rows, directory, prefix)
+        for path in plots:
+            print(f"plot: {path}", file=sys.stderr)
+    if args.wandb:
+        from kd_lab.compare_wandb import log_comparison
+
+        run_dir = log_comparison(rows, problems, plots, args.wandb_project, args.wandb_group, args.wandb_name)
+        print(f"W&B run: {run_dir}", file=sys.stderr)
     return 0
 
 

@@ -4,9 +4,18 @@ from pathlib import Path
 from kd_lab.compare import main, summarize
 
 
-def write(run: Path, algorithm: str, seed: int, acc: float, status: str = "finished", temperature: float = 4.0) -> None:
+def write(
+    run: Path,
+    algorithm: str,
+    seed: int,
+    acc: float,
+    status: str = "finished",
+    temperature: float = 4.0,
+    student: str = "s",
+    student_params: int = 10,
+) -> None:
     run.mkdir(parents=True)
-    names = {"data": "d", "teacher": "t", "student": "s", "algorithm": algorithm, "scheme": "offline"}
+    names = {"data": "d", "teacher": "t", "student": student, "algorithm": algorithm, "scheme": "offline"}
     metrics = {"test/acc": acc, "test/teacher_acc": 0.9, "test/agreement": acc}
     results = {
         "status": status,
@@ -15,7 +24,7 @@ def write(run: Path, algorithm: str, seed: int, acc: float, status: str = "finis
         "config": {"seed": seed, "algorithm": {"name": algorithm, "temperature": temperature}},
         "best": metrics,
         "last": {**metrics, "test/acc": acc - 0.01},
-        "params": {"student": 10, "teacher": 40},
+        "params": {"student": student_params, "teacher": 40},
         "wall_seconds": 2.0,
         "error": "KDLabError: boom" if status == "failed" else None,
     }
@@ -42,3 +51,55 @@ def test_groups_seeds_and_computes_gain_and_lists_failures(tmp_path, capsys):
     assert "0.7200 ± 0.0200" in out and "Runs not in the table" in out and "broken" in out
     assert (tmp_path / "t.csv").read_text().startswith("data,teacher,student,algorithm,scheme")
     assert (tmp_path / "t.md").read_text().strip() == out.strip()
+
+
+def two_students_two_methods(root: Path) -> None:
+    for student, size, base in (("small", 10, 0.60), ("large", 1000, 0.70)):
+        for algorithm, gain in (("none", 0.0), ("kd", 0.05)):
+            for seed in (0, 1):
+                acc = base + gain + 0.01 * seed
+                run = root / f"{student}-{algorithm}-{seed}"
+                write(run, algorithm, seed, acc, student=student, student_params=size)
+    write(root / "broken", "kd", 3, 0.0, status="failed")
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_next_to_the_markdown_and_in_a_plots_dir(tmp_path):
+    two_students_two_methods(tmp_path / "runs")
+    assert main([str(tmp_path / "runs"), "--markdown", str(tmp_path / "out" / "table.md")]) == 0
+    for name in ("table_accuracy_by_method.png", "table_accuracy_vs_student_size.png"):
+        assert is_png(tmp_path / "out" / name), name
+    assert main([str(tmp_path / "runs"), "--plots", str(tmp_path / "plots")]) == 0
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "accuracy_by_method.png",
+        "accuracy_vs_student_size.png",
+    ]
+    assert all(is_png(p) for p in (tmp_path / "plots").iterdir())
+    rows, _ = summarize(sorted((tmp_path / "runs").rglob("results.json")))
+    assert sorted({(r["student"], r["student_params"]) for r in rows}) == [("large", 1000), ("small", 10)]
+
+
+def test_wandb_offline_run_holds_the_table_and_the_plots(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    two_students_two_methods(tmp_path / "runs")
+    args = [str(tmp_path / "runs"), "--plots", str(tmp_path / "plots"), "--wandb", "--wandb-group", "g"]
+    assert main(args) == 0
+    (run,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    (table,) = run.glob("files/media/table/comparison_*.table.json")
+    logged = json.loads(table.read_text())
+    assert logged["columns"][:5] == ["data", "teacher", "student", "algorithm", "scheme"]
+    assert sorted((r[2], r[3]) for r in logged["data"]) == [
+        ("large", "kd"),
+        ("large", "none"),
+        ("small", "kd"),
+        ("small", "none"),
+    ]
+    acc = logged["columns"].index("acc_best")
+    assert sorted(round(r[acc], 4) for r in logged["data"]) == [0.605, 0.655, 0.705, 0.755]
+    (missing,) = run.glob("files/media/table/not_in_table_*.table.json")
+    assert json.loads(missing.read_text())["data"] == [[str(tmp_path / "runs" / "broken"), "failed: KDLabError: boom"]]
+    assert len(list(run.glob("files/media/images/plots/*.png"))) == 2
