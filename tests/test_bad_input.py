@@ -193,6 +193,15 @@ def test_class_counts_that_disagree(make_cfg, on_disk, overrides, expected):
     on_disk()
 
 
+def test_input_shape_that_disagrees_with_the_data(make_cfg, on_disk):
+    fails(
+        make_cfg("data=digits", "data.input_shape=[1,8,9]"),
+        "data split 'train': inputs of shape (1, 8, 8), but the data config declares (1, 8, 9)",
+        "set data.input_shape=[1, 8, 8]",
+    )
+    on_disk()
+
+
 def test_nan_or_inf_in_the_inputs(make_cfg, on_disk, monkeypatch):
     clean = FakeDataModule.load
 
