@@ -58,3 +58,26 @@ def test_compare_reference_lines_up_a_kd_lab_table(tmp_path):
     subprocess.run([sys.executable, str(script), str(table), "--json", str(out)], check=True, capture_output=True)
     (row,) = [r for r in json.loads(out.read_text()) if r["algorithm"] == "crd"]
     assert row["reference"] == 75.51 and row["ours"] == pytest.approx(75.61) and row["gap"] == pytest.approx(0.10)
+
+
+def test_convert_teacher_reads_a_repdistiller_checkpoint(tmp_path):
+    """RepDistiller's files hold {"epoch", "model", "accuracy", "optimizer"}; the converted file loads as
+    teacher.ckpt_path does, into the same weights."""
+    import torch
+
+    from kd_lab.checkpoints import load_weights
+    from kd_lab.models.cifar import resnet8
+
+    source = resnet8()
+    saved = {"epoch": 240, "model": source.state_dict(), "accuracy": torch.tensor(69.1), "optimizer": {}}
+    torch.save(saved, tmp_path / "ckpt_epoch_240.pth")
+    script = EXPERIMENT / "convert_teacher.py"
+    args = [str(tmp_path / "ckpt_epoch_240.pth"), "resnet8", str(tmp_path / "t.pt")]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    loaded = load_weights(resnet8(), tmp_path / "t.pt")
+    pairs = zip(loaded.state_dict().values(), source.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    wrong_arch = [args[0], "vgg8", str(tmp_path / "v.pt")]
+    wrong = subprocess.run([sys.executable, str(script), *wrong_arch], capture_output=True)
+    assert wrong.returncode == 1 and b"does not fit vgg8" in wrong.stderr
