@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lab.builders import CONFIG_DIR as BUILDERS_CONFIG_DIR
 from kd_lab.builders import (
@@ -52,23 +52,25 @@ def _test(trainer: L.Trainer, module, datamodule, ckpt_path: str | None, suffix:
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one student as ``cfg`` says; returns ``(results, objects)``."""
-    validate_config(cfg)  # every bad key, value, file or pairing: one clear error before anything is built
     start = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
-    check_compatible(cfg.algorithm.name, cfg.scheme.name)
-    scheme = build(cfg.scheme)
-    if scheme.teacher_source == "none" and not is_chain(cfg):
-        cfg = replace_nodes(cfg, teacher=None)  # the network teaches itself: no teacher config applies
     results: dict[str, Any] = {
         "status": "running",
-        "seed": cfg.seed,
-        "config": to_dict(cfg),
-        "names": {g: cfg[g].name for g in ("data", "teacher", "student", "algorithm", "scheme") if cfg.get(g)},
-        "experiment": cfg.experiment_name,
+        "seed": cfg.get("seed"),
+        "config": OmegaConf.to_container(cfg, resolve=False),  # resolved below, once the config is known good
+        "names": {g: cfg[g].get("name") for g in ("data", "teacher", "student", "algorithm", "scheme") if cfg.get(g)},
+        "experiment": cfg.get("experiment_name"),
     }
     loggers: list = []
     trainer = None
-    try:
+    try:  # from here on a failure is recorded in results.json (status failed), so a sweep lists it
+        validate_config(cfg)  # every bad key, value, file or pairing: one clear error before anything is built
+        check_compatible(cfg.algorithm.name, cfg.scheme.name)
+        scheme = build(cfg.scheme)
+        if scheme.teacher_source == "none" and not is_chain(cfg):
+            cfg = replace_nodes(cfg, teacher=None)  # the network teaches itself: no teacher config applies
+            results["names"].pop("teacher", None)
+        results["config"] = to_dict(cfg)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = build_datamodule(cfg)
         if is_chain(cfg):  # teacher-assistant / born-again: earlier stages first; the last one teaches this run
