@@ -94,6 +94,7 @@ def summarize(files: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, 
         p = runs[0].get("params", {})
         row["param_ratio"] = p["student"] / p["teacher"] if p.get("teacher") else None
         row["student_params"] = p.get("student")  # the x axis of the accuracy-against-size plot
+        row["others"] = other_models(runs)
         row["wall_s"] = statistics.fmean(r["wall_seconds"] for r in runs)
         row["seeds"] = len(runs)
         rows.append(row)
@@ -104,12 +105,25 @@ def summarize(files: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, 
     return rows, problems
 
 
+def other_models(runs: list[dict[str, Any]]) -> str:
+    """Models evaluated next to the student (a learning teacher, peers, exits, their ensemble: ``<name>/test/acc``
+    at the best-validation epoch) and the stages of a chain: ``name mean±std`` over the seeds."""
+    accs: dict[str, list[float]] = defaultdict(list)
+    for r in runs:
+        for key, value in r["best"].items():
+            if key.endswith("/test/acc"):
+                accs[key.split("/")[0]].append(value)
+        for stage in r.get("chain", []):
+            accs[f"stage {stage['stage']}"].append(stage["metrics"]["test/acc"])
+    return ", ".join(f"{name} {mean_std(v)[0]:.4f}±{mean_std(v)[1]:.4f}" for name, v in accs.items()) or "-"
+
+
 def fmt(value: Any, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
 def markdown(rows: list[dict[str, Any]], problems: list[tuple[str, str]]) -> str:
-    head = "| data | teacher | student | algorithm | scheme | setting | test acc (best val) | test acc (last) | gain vs vanilla | teacher acc | agreement | student/teacher params | wall s | seeds |"  # noqa: E501
+    head = "| data | teacher | student | algorithm | scheme | setting | test acc (best val) | test acc (last) | gain vs vanilla | teacher acc | agreement | student/teacher params | other models (test acc) | wall s | seeds |"  # noqa: E501
     lines = [
         "Test accuracy: mean ± std over seeds, at the epoch of best validation accuracy and at the last epoch.",
         "",
@@ -121,7 +135,7 @@ def markdown(rows: list[dict[str, Any]], problems: list[tuple[str, str]]) -> str
             f"| {r['data']} | {r['teacher']} | {r['student']} | {r['algorithm']} | {r['scheme']} | {r['setting']} "
             f"| {r['acc_best']:.4f} ± {r['std_best']:.4f} | {r['acc_last']:.4f} ± {r['std_last']:.4f} "
             f"| {fmt(r['gain_best'], '+.4f')} | {fmt(r['teacher_acc'])} | {fmt(r['agreement'])} "
-            f"| {fmt(r['param_ratio'], '.3f')} | {r['wall_s']:.1f} | {r['seeds']} |"
+            f"| {fmt(r['param_ratio'], '.3f')} | {r['others']} | {r['wall_s']:.1f} | {r['seeds']} |"
         )
     if problems:
         lines += ["", "Runs not in the table:", *[f"- {run}: {why}" for run, why in problems]]

@@ -103,3 +103,15 @@ def test_wandb_offline_run_holds_the_table_and_the_plots(tmp_path, monkeypatch):
     (missing,) = run.glob("files/media/table/not_in_table_*.table.json")
     assert json.loads(missing.read_text())["data"] == [[str(tmp_path / "runs" / "broken"), "failed: KDLabError: boom"]]
     assert len(list(run.glob("files/media/images/plots/*.png"))) == 2
+
+
+def test_other_models_and_chain_stages_are_reported(tmp_path):
+    for seed, (peer, ensemble) in enumerate([(0.50, 0.60), (0.54, 0.64)]):
+        write(tmp_path / f"codist{seed}", "codistillation", seed, 0.55)
+        path = tmp_path / f"codist{seed}" / "results.json"
+        results = json.loads(path.read_text())
+        results["best"].update({"peer1/test/acc": peer, "ensemble/test/acc": ensemble})
+        results["chain"] = [{"stage": "gen0-s", "metrics": {"test/acc": 0.4 + seed / 10}}]
+        path.write_text(json.dumps(results))
+    (row,) = summarize(sorted(tmp_path.rglob("results.json")))[0]
+    assert row["others"] == "peer1 0.5200±0.0283, ensemble 0.6200±0.0283, stage gen0-s 0.4500±0.0707"
