@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -19,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs, cross_entropy
 from kd_lab.errors import KDLabError, NonFiniteLossError
 from kd_lab.recorder import FeatureRecorder, probe_shapes
+from kd_lab.resume import rng_states, set_rng_states
 from kd_lab.schemes.base import Scheme
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
@@ -319,7 +321,20 @@ class DistillationModule(L.LightningModule):
         return optimizers, schedulers
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """What a resumed run needs beyond Lightning's weights, optimizers, schedulers and loop counters
+        (buffers such as CRD's memory banks and an adversary's weights are in the state dict): the best-epoch
+        trackers (torchmetrics states are not saved) and the random number generators (dropout, sampled
+        negatives; Lightning saves them only in its own fault-tolerant checkpoints). Data order and
+        augmentation need nothing: they are drawn from ``(seed, epoch)``."""
         checkpoint["best_val_epoch"] = self.best_val_epoch
+        if self.best_val_epoch >= 0:
+            checkpoint["val_acc_best"] = float(self.val_acc_best.compute())
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.best_val_epoch = checkpoint.get("best_val_epoch", -1)
+        self.val_acc_best.reset()
+        if "val_acc_best" in checkpoint:
+            self.val_acc_best.update(checkpoint["val_acc_best"])
+        if "rng_states" in checkpoint and self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING:
+            set_rng_states(checkpoint["rng_states"])  # testing a checkpoint leaves the generators alone

@@ -37,6 +37,7 @@ from kd_lab.errors import KDLabError, brief
 from kd_lab.loggers import build_loggers, finish_loggers, quiet_lightning_console
 from kd_lab.module import count_parameters
 from kd_lab.results import write_results
+from kd_lab.resume import continue_csv_logs, start_or_resume
 from kd_lab.schema import validate_config
 from kd_lab.schemes import check_compatible
 from kd_lab.teacher_store import resolve_teacher
@@ -50,8 +51,9 @@ def _test(trainer: L.Trainer, module, datamodule, ckpt_path: str | None, suffix:
     return {k.replace(suffix, "") if suffix else k: float(v) for k, v in metrics.items()}
 
 
-def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train one student as ``cfg`` says; returns ``(results, objects)``."""
+def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train one student as ``cfg`` says; returns ``(results, objects)``. ``resume_from``: a checkpoint of this
+    run to continue from (``kd-lab resume=<run dir>``, kd_lab/resume.py)."""
     start = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
     results: dict[str, Any] = {
@@ -84,7 +86,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         module = build_module(cfg, datamodule, student, algorithm, scheme, cfg.optim, teachers)
 
         loggers = build_loggers(cfg.get("logger"))
-        overrides = {}
+        if resume_from:
+            results["resumed_from"] = resume_from
+            continue_csv_logs(loggers, resume_from)
+        overrides = {"default_root_dir": str(run_dir)}  # where a SLURM requeue saves and finds hpc_ckpt_*.ckpt
         if algorithm.manual_optimization and cfg.trainer.get("strategy") == "ddp":
             overrides["strategy"] = "ddp_find_unused_parameters_true"  # each backward touches one player only
         trainer = build_trainer(cfg.trainer, build_callbacks(cfg.get("callbacks")), loggers or False, **overrides)
@@ -100,12 +105,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         results["world_size"] = trainer.world_size
 
         fit_start = time.perf_counter()
-        trainer.fit(module, datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule, ckpt_path=resume_from or cfg.get("ckpt_path"))
         results["fit_seconds"] = time.perf_counter() - fit_start
 
         results["last"] = _test(trainer, module, datamodule, None, "_last")
         results["last"]["epoch"] = trainer.current_epoch - 1
-        best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        # the monitored checkpoint holds the best-validation weights (callbacks.last_checkpoint holds the last)
+        best = next((c for c in trainer.checkpoint_callbacks if getattr(c, "monitor", None)), None)
+        best_path = best.best_model_path if best else ""
         if best_path:
             results["best"] = _test(trainer, module, datamodule, best_path, "")
             results["best"]["epoch"] = module.best_val_epoch
@@ -222,7 +229,8 @@ def main(cfg: DictConfig) -> float | None:
     patch_lightning_hydra_launcher()
     with job_scope():  # one job of a multirun must not leak its DDP state into the next
         try:
-            results, _ = train(cfg)
+            cfg, resume_from = start_or_resume(cfg, list(HydraConfig.get().overrides.task))
+            results, _ = train(cfg, resume_from)
         except Exception as e:
             if HydraConfig.get().mode != RunMode.MULTIRUN:
                 raise

@@ -1,0 +1,178 @@
+"""``kd-lab resume=<run dir>``: continue a killed or preempted run in its own directory, with its own config.
+
+A fresh run records what a resume needs in ``<run dir>/resume.yaml`` before training: its config as composed
+(unresolved, so ``paths.output_dir`` follows the run dir; the other ``paths`` made absolute, so a resume from
+another working directory finds the same data and teacher store) and the W&B run id it logs to. A resume reads
+that file, picks the newest checkpoint of the run (``checkpoints/last.ckpt``, saved every epoch, or a SLURM
+pre-emption checkpoint ``hpc_ckpt_<n>.ckpt``) and continues: W&B appends to the same run id, the CSV log keeps
+its rows up to the checkpoint's epoch. The checkpoint holds every state a resume needs to end with the
+metrics of an uninterrupted run (``DistillationModule.on_save_checkpoint``, docs/reliability.md).
+
+``conf/hydra/default.yaml`` points ``hydra.run.dir`` at the resumed directory and writes the resume's own
+``.hydra`` files to ``.hydra-resume-<time>``, so the original run's files are never overwritten.
+"""
+
+import csv
+import os
+import random
+import secrets
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.loggers import CSVLogger, Logger
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from kd_lab.errors import KDLabError
+from kd_lab.utils.io import _atomic_write
+
+RESUME_FILE = "resume.yaml"
+FRESH_RUN = "start a fresh run (kd-lab <the original overrides>) instead"
+
+# ``${kd_if_resume:${resume},<then>,<otherwise>}``: the Hydra run dir and output subdir of a resumed run
+OmegaConf.register_new_resolver(
+    "kd_if_resume", lambda resume, then, otherwise: otherwise if resume is None else then, replace=True
+)
+
+
+def _rank() -> int:
+    """This process's global rank: set by torchrun or SLURM from the start, by Lightning for its children."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def _wandb_node(cfg: DictConfig) -> DictConfig | None:
+    for spec in (cfg.get("logger") or {}).values():
+        if spec and str(spec.get("_target_", "")).endswith("WandbLogger"):
+            return spec
+    return None
+
+
+def start_or_resume(cfg: DictConfig, overrides: list[str] = ()) -> tuple[DictConfig, str | None]:
+    """``(config, checkpoint)`` of this invocation: the resumed run's own config and its newest checkpoint
+    for ``resume=<dir>``; otherwise ``cfg`` itself (recorded in its run dir for a later resume) and None.
+    ``overrides``: the command line's, which a resume refuses (it continues the run as it was configured)."""
+    if cfg.get("resume") is None:
+        return record_start(cfg), None
+    others = [o for o in overrides if not o.startswith("resume=")]
+    if others:
+        raise KDLabError(
+            f"resume={cfg.resume} continues that run with its own config, but the command also sets {others}: "
+            f"drop them, or {FRESH_RUN.replace('the original overrides', 'your overrides')}."
+        )
+    return resume_config(cfg.resume), newest_checkpoint(Path(cfg.resume))
+
+
+def record_start(cfg: DictConfig) -> DictConfig:
+    """Give the W&B logger a run id (one already recorded in the run dir is kept: a requeued job or a DDP
+    rank > 0 logs to the same run) and write ``resume.yaml`` (rank 0)."""
+    recorded = Path(cfg.paths.output_dir) / RESUME_FILE
+    wandb = _wandb_node(cfg)
+    if wandb is not None and not wandb.get("id"):
+        previous = _wandb_node(_read_config(recorded)) if recorded.is_file() else None
+        with open_dict(wandb):
+            wandb.id = (previous or {}).get("id") or secrets.token_hex(4)  # W&B style: 8 of [0-9a-z]
+    if _rank() == 0:
+        snapshot = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # key order kept
+        paths = OmegaConf.to_container(cfg.paths, resolve=True)
+        snapshot.paths = {k: v if k == "output_dir" else str(Path(v).absolute()) for k, v in paths.items()}
+        _atomic_write(recorded, lambda f: f.write(OmegaConf.to_yaml(snapshot).encode()))
+    return cfg
+
+
+def _read_config(path: Path) -> DictConfig:
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:
+        raise KDLabError(f"{path} is unreadable ({e}): the run cannot be resumed; {FRESH_RUN}.") from e
+
+
+def resume_config(run_dir: str | Path) -> DictConfig:
+    """The config ``run_dir`` was started with, set to continue there (W&B: same run id, resume="allow")."""
+    run_dir = Path(run_dir).absolute()
+    if not run_dir.is_dir():
+        raise KDLabError(f"resume={run_dir}: no such run directory. Pass the directory of the run to continue.")
+    recorded = run_dir / RESUME_FILE
+    if not recorded.is_file():
+        raise KDLabError(
+            f"resume={run_dir}: {RESUME_FILE} is missing, so this is not a kd-lab run directory (or one started "
+            f"before resume existed); {FRESH_RUN}, or pass ckpt_path=<checkpoint> to a new run."
+        )
+    cfg = _read_config(recorded)
+    with open_dict(cfg):
+        cfg.resume = str(run_dir)
+        cfg.paths.output_dir = str(run_dir)  # the directory may have moved since
+        wandb = _wandb_node(cfg)
+        if wandb is not None:
+            wandb.resume = "allow"
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def newest_checkpoint(run_dir: Path) -> str:
+    """The most recent of ``checkpoints/last.ckpt`` and SLURM's ``hpc_ckpt_<n>.ckpt``, checked readable."""
+    run_dir = Path(run_dir).absolute()
+    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    if not candidates:
+        raise KDLabError(
+            f"resume={run_dir}: no checkpoint in it (checkpoints/last.ckpt is written at the end of the first "
+            f"epoch; the run was stopped before, or checkpointing was off): {FRESH_RUN}."
+        )
+    path = max(candidates, key=lambda p: p.stat().st_mtime)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        if not {"state_dict", "epoch", "loops"} <= set(checkpoint):
+            raise ValueError("not a Lightning training checkpoint")
+    except Exception as e:
+        raise KDLabError(
+            f"resume={run_dir}: checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}). Delete it to "
+            f"resume from an older one if there is one, or {FRESH_RUN}."
+        ) from e
+    return str(path)
+
+
+def continue_csv_logs(loggers: list[Logger], checkpoint: str) -> None:
+    """CSV logs of a resumed run append to the original file. Lightning deletes an existing ``metrics.csv``
+    when its writer starts, so its rows up to the checkpoint's epoch are read first and written back (the
+    rows after it are logged again by the resumed epochs)."""
+    csv_loggers = [logger for logger in loggers if isinstance(logger, CSVLogger)]
+    epoch = torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"] if csv_loggers else 0
+    for logger in csv_loggers:
+        path = Path(logger.log_dir) / "metrics.csv"
+        header, rows = [], []
+        if path.is_file():
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                header = list(reader.fieldnames or [])
+                rows = [r for r in reader if not r.get("epoch") or float(r["epoch"]) <= epoch]
+        writer = logger.experiment  # starting the writer deletes metrics.csv
+        if header:
+            with path.open("w", newline="") as f:
+                out = csv.DictWriter(f, fieldnames=header)
+                out.writeheader()
+                out.writerows(rows)
+            writer.metrics_keys = sorted(header)
+
+
+def rng_states() -> dict[str, Any]:
+    """The global generators (torch, CUDA, numpy, python) as types a ``weights_only`` load accepts (Lightning
+    tests a checkpoint that way; numpy's own state holds an ndarray)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])

@@ -1,0 +1,169 @@
+"""``kd-lab resume=<run dir>``: a run killed with SIGKILL mid-training and resumed ends with the metrics of
+the same run left alone; resume errors name the path and the fix."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+
+import kd_lab.train
+from kd_lab.errors import KDLabError
+from kd_lab.resume import RESUME_FILE, newest_checkpoint, record_start, resume_config, start_or_resume
+
+# CRD: a memory bank (buffers), sampled negatives (the global generator), a projection head; a CNN student
+RUN = [
+    "data=fake",
+    "teacher=mlp_large",
+    "teacher.max_epochs=2",
+    "student=cnn1d_tiny",
+    "algorithm=crd",
+    "trainer.max_epochs=30",
+    "trainer.accelerator=cpu",
+    "logger=many",
+]
+
+
+def start(root: Path, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "KD_LAB_ROOT": str(root), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    root.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "kd_lab.train", *args]
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def run_dir(root: Path) -> Path:
+    (path,) = (root / "logs" / "runs").iterdir()
+    return path
+
+
+def checkpoint_epoch(path: Path) -> int:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
+    except Exception:  # missing, or being written right now
+        return -1
+
+
+def kill_mid_training(proc: subprocess.Popen, root: Path, epoch: int, timeout: float = 180) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        runs = list((root / "logs" / "runs").glob("*/checkpoints/last.ckpt"))
+        if runs and checkpoint_epoch(runs[0]) >= epoch:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be killed: give it more epochs"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return run_dir(root)
+
+
+def final_metrics(path: Path) -> dict[str, float]:
+    results = json.loads((path / "results.json").read_text())
+    assert results["status"] == "finished", results.get("error")
+    return {f"{protocol}/{k}": v for protocol in ("best", "last") for k, v in results[protocol].items()}
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path):
+    killed = start(tmp_path / "killed", *RUN)
+    alone = start(tmp_path / "alone", *RUN)  # in parallel: each root has its own teacher store
+    run = kill_mid_training(killed, tmp_path / "killed", epoch=3)
+    assert not (run / "results.json").exists()  # SIGKILL: nothing ran after the kill
+    original_hydra = (run / ".hydra" / "config.yaml").read_text()
+
+    out = finish(start(tmp_path / "killed", f"resume={run}"))
+    finish(alone)
+    assert "Reusing cached teacher" in out  # the resumed run did not retrain its teacher
+    resumed, reference = final_metrics(run), final_metrics(run_dir(tmp_path / "alone"))
+    assert resumed.keys() == reference.keys()
+    for key, value in reference.items():
+        assert resumed[key] == pytest.approx(value, abs=1e-6), key
+    results = json.loads((run / "results.json").read_text())
+    assert results["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
+    assert results["last"]["epoch"] == 29
+
+    # the same directory, the original's files kept; the loggers continue their runs
+    assert (run / ".hydra" / "config.yaml").read_text() == original_hydra
+    assert len(list(run.glob(".hydra-resume-*/overrides.yaml"))) == 1
+    wandb_id = OmegaConf.load(run / RESUME_FILE).logger.wandb.id
+    assert len(list((run / "wandb").glob(f"offline-run-*-{wandb_id}"))) == 2  # `wandb sync` appends them
+    with (run / "csv" / "metrics.csv").open() as f:  # the killed part's rows kept, the re-run epoch not twice
+        assert [int(r["epoch"]) for r in csv.DictReader(f) if r["val/acc"]] == list(range(30))
+
+
+def test_resume_errors_name_the_path_and_the_fix(make_cfg, tmp_path):
+    with pytest.raises(KDLabError, match="no such run directory"):
+        resume_config(tmp_path / "nowhere")
+    with pytest.raises(KDLabError, match=f"{RESUME_FILE} is missing.*start a fresh run"):
+        resume_config(tmp_path)
+
+    cfg = make_cfg("logger=wandb")
+    record_start(cfg)
+    run = Path(cfg.paths.output_dir)
+    resumed = resume_config(run)
+    assert resumed.logger.wandb.id == cfg.logger.wandb.id and resumed.logger.wandb.resume == "allow"
+    assert resumed.paths.output_dir == str(run.absolute()) and resumed.resume == str(run.absolute())
+    with pytest.raises(KDLabError, match=f"{run}: no checkpoint in it.*start a fresh run"):
+        newest_checkpoint(run)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(KDLabError, match=r"last\.ckpt is corrupt or truncated.*start a fresh run"):
+        newest_checkpoint(run)
+    with open_dict(cfg):
+        cfg.resume = str(run)
+    with pytest.raises(KDLabError, match=r"also sets \['seed=3'\]: drop them"):
+        start_or_resume(cfg, [f"resume={run}", "seed=3"])
+
+
+def test_a_fresh_run_in_a_recorded_directory_keeps_its_wandb_id(make_cfg):
+    """A SLURM job requeued into the same run dir (or a DDP rank > 0) logs to the run already recorded."""
+    first = record_start(make_cfg("logger=wandb")).logger.wandb.id
+    assert record_start(make_cfg("logger=wandb")).logger.wandb.id == first
+    assert record_start(make_cfg("logger=wandb", run="other")).logger.wandb.id != first
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+class InterruptAt(L.Callback):
+    """Stops a run as a kill would: at the start of ``epoch``, after the previous epoch's checkpoint."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise Interrupted(f"stopped at epoch {self.epoch}")
+
+
+def test_adversarial_run_interrupted_and_resumed_in_process_matches(make_cfg, monkeypatch):
+    """The discriminator, its optimizer and the student's schedule under manual optimization survive."""
+    overrides = ["student=cnn1d_tiny", "algorithm=adversarial", "trainer.max_epochs=5"]
+    reference, _ = kd_lab.train.train(make_cfg(*overrides, run="alone"))
+    cfg = make_cfg(*overrides, run="interrupted")
+    build_callbacks = kd_lab.train.build_callbacks
+    monkeypatch.setattr(kd_lab.train, "build_callbacks", lambda c: [*build_callbacks(c), InterruptAt(3)])
+    with pytest.raises(Interrupted):
+        kd_lab.train.train(cfg)
+    monkeypatch.setattr(kd_lab.train, "build_callbacks", build_callbacks)
+    checkpoint = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(checkpoint, weights_only=False)["epoch"] == 2
+    resumed, _ = kd_lab.train.train(cfg, str(checkpoint))
+    for protocol in ("best", "last"):
+        assert resumed[protocol].keys() == reference[protocol].keys()
+        for key, value in reference[protocol].items():
+            assert resumed[protocol][key] == pytest.approx(value, abs=1e-6), (protocol, key)
