@@ -16,6 +16,7 @@ from kd_lab.algorithms.base import Algorithm
 from kd_lab.data.base import TensorDataModule
 from kd_lab.errors import KDLabError
 from kd_lab.module import DistillationModule
+from kd_lab.perf import apply_perf
 from kd_lab.schemes.base import Scheme
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"  # the repo's conf/ (editable install)
@@ -59,7 +60,7 @@ def build_module(
 ) -> DistillationModule:
     """``trains_a_teacher``: the model being trained is a teacher, so it reads the teacher's modality."""
     student_key = datamodule.teacher_input_key if trains_a_teacher else "input"
-    return DistillationModule(
+    module = DistillationModule(
         student=student,
         algorithm=algorithm,
         scheme=scheme,
@@ -75,6 +76,7 @@ def build_module(
         train_targets=datamodule.train_targets,
         config_hash=config_hash(cfg),
     )
+    return apply_perf(cfg.get("perf"), module, datamodule)  # speed switches (conf/perf, docs/performance.md)
 
 
 def build_trainer(

@@ -18,10 +18,12 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs, cross_entropy
-from kd_lab.errors import KDLabError, NonFiniteLossError
+from kd_lab.errors import KDLabError
 from kd_lab.recorder import FeatureRecorder, probe_shapes
 from kd_lab.resume import rng_states, set_rng_states
 from kd_lab.schemes.base import Scheme
+from kd_lab.step_stats import EpochSums, FiniteGuard, stack_terms
+from kd_lab.teacher_cache import TeacherCache
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 # (optimizer, total_epochs, steps_per_epoch) -> a scheduler stepped every optimizer step (kd_lab.optim)
@@ -42,16 +44,15 @@ def check_logits(model: nn.Module, example: Tensor, num_classes: int, role: str)
         )
 
 
-def check_finite(terms: dict[str, Tensor], loss: Tensor, where: str) -> None:
-    if not torch.isfinite(loss):
-        bad = [name for name, value in terms.items() if not torch.isfinite(value)]
-        raise NonFiniteLossError(
-            f"non-finite loss at {where}: term(s) {bad} = {[float(terms[b]) for b in bad]}. Lower the learning "
-            "rate or that term's weight; checkpoints and logs written so far are kept."
-        )
-
-
 class DistillationModule(L.LightningModule):
+    # speed switches, set by kd_lab.perf.apply_perf (docs/performance.md); the defaults change nothing
+    teacher_cache: TeacherCache | None = None  # teacher outputs computed once for the training set
+    teacher_inference_mode: bool = False  # frozen teachers under torch.inference_mode instead of no_grad
+    channels_last: bool = False  # 4-D (image) inputs in NHWC memory format, as the models are
+    check_finite_every: int | None = None  # steps between non-finite loss checks; None: 1 on CPU, 50 on GPU
+    _finite_guard: FiniteGuard | None = None
+    _epoch_sums: EpochSums | None = None
+
     def __init__(
         self,
         student: nn.Module,
@@ -164,23 +165,36 @@ class DistillationModule(L.LightningModule):
         self.student.train(was_training)
         return self.student_recorder.features
 
+    def _model_input(self, batch: dict[str, Tensor], key: str) -> Tensor:
+        x = batch[key]
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
     def _step_outputs(self, batch: dict[str, Tensor], with_teacher: bool) -> StepOutputs:
         out = StepOutputs(logits=None, batch=batch)  # type: ignore[arg-type]
-        if with_teacher:
-            x_t = batch[self.teacher_input_key]
+        if with_teacher and self.teacher_cache is not None:
+            if not self.teacher_cache.filled:  # once, on the run's device (every DDP rank caches all samples)
+                self.teacher_cache.fill(self.teachers, self.teacher_recorders, self.device)
+            out.all_teacher_logits, out.all_teacher_features = self.teacher_cache.lookup(batch["index"])
+            out.teacher_logits, out.teacher_features = out.all_teacher_logits[0], out.all_teacher_features[0]
+        elif with_teacher:
+            x_t = self._model_input(batch, self.teacher_input_key)
             learning = self.scheme.trains_teacher and torch.is_grad_enabled()
-            with torch.set_grad_enabled(learning):
+            inference = self.teacher_inference_mode and not learning
+            with torch.inference_mode() if inference else torch.set_grad_enabled(learning):
                 for teacher, recorder in zip(self.teachers, self.teacher_recorders, strict=True):
                     with recorder:
                         out.all_teacher_logits.append(teacher(x_t))
                     out.all_teacher_features.append(recorder.features)
+            if inference:  # inference tensors cannot be saved for backward: normal copies for the losses
+                out.all_teacher_logits = [z.clone() for z in out.all_teacher_logits]
+                out.all_teacher_features = [{k: v.clone() for k, v in f.items()} for f in out.all_teacher_features]
             if learning:  # the algorithm sees detached copies; the teachers' own terms use the live logits
                 out.live_teacher_logits = out.all_teacher_logits
                 out.all_teacher_logits = [z.detach() for z in out.all_teacher_logits]
                 out.all_teacher_features = [{k: v.detach() for k, v in f.items()} for f in out.all_teacher_features]
             out.teacher_logits, out.teacher_features = out.all_teacher_logits[0], out.all_teacher_features[0]
         with self.student_recorder:
-            out.logits = self.student(batch[self.input_key])
+            out.logits = self.student(self._model_input(batch, self.input_key))
         out.features = self.student_recorder.features
         return out
 
@@ -195,21 +209,36 @@ class DistillationModule(L.LightningModule):
         self.algorithm.on_epoch_start(self.current_epoch, self.trainer.max_epochs)
 
     def _loss(self, terms: dict[str, Tensor], prefix: str = "train/loss") -> Tensor:
+        """The summed loss. Its terms are only stacked and added up on the device here (no host sync, no
+        ``self.log`` per step: ``kd_lab.step_stats``); ``_log_epoch_losses`` logs the epoch means."""
         loss = torch.stack(list(terms.values())).sum()
-        check_finite(terms, loss, f"epoch {self.current_epoch}, step {self.global_step}")
-        n = self._batch_size
-        # epoch means; under DDP they are reduced across ranks once, at the epoch's end
-        self.log(prefix, loss, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
-        for name, value in terms.items():
-            self.log(f"{prefix}_{name}", value, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
+        values, names = stack_terms(loss, terms), tuple(terms)
+        if self._finite_guard is None:
+            every = self.check_finite_every or (1 if self.device.type == "cpu" else 50)
+            self._finite_guard, self._epoch_sums = FiniteGuard(every), EpochSums()
+        self._finite_guard.watch(self.current_epoch, self.global_step, names, values, loss)
+        self._epoch_sums.add(prefix, names, values, self._batch_size)
         return loss
+
+    def _log_epoch_losses(self) -> None:
+        """``train/loss`` and ``train/loss_<term>``: batch-size weighted epoch means (under DDP Lightning reduces
+        them across ranks), after a last non-finite check, so a NaN run never reaches validation or a checkpoint."""
+        if self._finite_guard is None:
+            return
+        self._finite_guard.check()
+        for name, (mean, n) in self._epoch_sums.pop_means().items():
+            self.log(name, mean, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         self._batch_size = len(batch["target"])
         out = self._step_outputs(batch, with_teacher=self.algorithm.needs_teacher)
-        if self.automatic_optimization:
-            return self._loss(self._terms(out))
-        return self._manual_step(out, batch_idx)
+        loss = self._loss(self._terms(out)) if self.automatic_optimization else self._manual_step(out, batch_idx)
+        if self._trainer is not None and self.trainer.is_last_batch:
+            self._log_epoch_losses()  # within the epoch, so epoch-end callbacks see this epoch's values
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_losses()  # what the last batch did not log (an epoch cut short by max_steps)
 
     def _terms(self, out: StepOutputs) -> dict[str, Tensor]:
         """The algorithm's terms, plus the learning teachers' own terms unless the algorithm writes them."""

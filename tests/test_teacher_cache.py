@@ -1,0 +1,72 @@
+"""perf.cache_teacher: teacher outputs computed once give the same losses and metrics as a teacher forward per
+step, the teacher is not called again once the cache is filled, and the cache is refused where it is wrong."""
+
+import pytest
+import torch
+
+from kd_lab.builders import build, build_datamodule, build_model, build_module
+from kd_lab.errors import KDLabError
+from kd_lab.train import train
+
+
+def built(cfg):
+    datamodule = build_datamodule(cfg)
+    torch.manual_seed(0)
+    teacher = build_model(cfg.teacher.model)
+    student = build_model(cfg.student.model)
+    module = build_module(cfg, datamodule, student, build(cfg.algorithm), build(cfg.scheme), cfg.optim, [teacher])
+    return module, datamodule
+
+
+def count_calls(model: torch.nn.Module) -> list[int]:
+    calls = [0]
+    model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("algorithm", ["kd", "fitnet"])  # logits only, and a tapped teacher feature
+def test_cached_and_uncached_give_the_same_loss(make_cfg, algorithm):
+    module, datamodule = built(make_cfg(f"algorithm={algorithm}", "perf.cache_teacher=true"))
+    batch = next(iter(datamodule.train_dataloader()))
+    module.train()
+    cache, module.teacher_cache = module.teacher_cache, None
+    uncached = module._terms(module._step_outputs(batch, with_teacher=True))
+    module.teacher_cache = cache
+    cached = module._terms(module._step_outputs(batch, with_teacher=True))
+    assert cache.filled and uncached.keys() == cached.keys()
+    for name in uncached:
+        assert float(cached[name].detach()) == pytest.approx(float(uncached[name].detach()), abs=1e-6), name
+
+
+def test_teacher_forward_is_not_called_after_the_cache_is_filled(make_cfg):
+    module, datamodule = built(make_cfg("perf.cache_teacher=true"))
+    calls = count_calls(module.teacher)
+    batches = list(datamodule.train_dataloader())
+    module.train()
+    module._step_outputs(batches[0], with_teacher=True)
+    filled = calls[0]
+    assert filled == -(-datamodule.num_train // datamodule.eval_batch_size)  # one pass over the training set
+    for batch in batches[1:]:
+        module._step_outputs(batch, with_teacher=True)
+    assert calls[0] == filled and len(batches) > 1
+
+
+def test_a_short_run_gives_the_same_metrics_cached_or_not(make_cfg):
+    uncached, _ = train(make_cfg(run="uncached"))
+    cached, objects = train(make_cfg("perf.cache_teacher=true", run="cached"))
+    assert objects["module"].teacher_cache.filled
+    for protocol in ("best", "last"):
+        for key, value in uncached[protocol].items():
+            assert cached[protocol][key] == pytest.approx(value, abs=1e-5), (protocol, key)
+
+
+def test_the_cache_is_refused_with_augmentation(make_cfg):
+    cfg = make_cfg("perf.cache_teacher=true", "data.augment={_target_:kd_lab.data.SignalAugment,max_shift:2}")
+    with pytest.raises(KDLabError, match=r"SignalAugment.*data\.augment=null.*perf\.cache_teacher=false"):
+        train(cfg)
+
+
+def test_the_cache_is_refused_for_a_teacher_that_learns(make_cfg):
+    cfg = make_cfg("perf.cache_teacher=true", "scheme=online")
+    with pytest.raises(KDLabError, match=r"trains the teacher.*perf\.cache_teacher=false"):
+        built(cfg)
