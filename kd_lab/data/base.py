@@ -10,9 +10,14 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from torch import Tensor
+from torch.utils.data import DataLoader
 
-from kd_lab.data.batches import TensorBatches, Transform
+from kd_lab.data.batches import TensorBatches, Transform, loader_batches
+from kd_lab.data.image_augment import DrawOnly, ImageAugment
 from kd_lab.errors import KDLabError
+
+SERVE_MODES = ("auto", "tensors", "device", "loader")
+DEVICE_SAFE = (ImageAugment, DrawOnly)  # draw on the host, apply on the batch's device
 
 
 class TensorDataModule(L.LightningDataModule):
@@ -28,7 +33,17 @@ class TensorDataModule(L.LightningDataModule):
         augment: Transform | None = None,
         student_view: Callable[[Tensor, str], Tensor] | None = None,
         teacher_input_shape: tuple[int, ...] | None = None,
+        serve: str = "auto",
+        device_max_mb: float = 4096,
+        num_workers: int = 4,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
     ):
+        """``serve`` (docs/performance.md): how training batches reach the model. ``tensors``: sliced from the
+        tensors in host memory; ``device``: the tensors moved to the accelerator once, sliced there; ``loader``:
+        sliced in ``num_workers`` DataLoader workers into pinned memory. ``auto``: ``device`` on an
+        accelerator when all splits take at most ``device_max_mb`` and the augmentation runs on any device
+        (none, or ``ImageAugment``), ``loader`` when they take more, ``tensors`` otherwise (and on a CPU)."""
         super().__init__()
         self.num_classes = num_classes  # declared in the data config so models can interpolate it;
         self.input_shape = tuple(input_shape)  # checked against the loaded data in setup()
@@ -42,6 +57,12 @@ class TensorDataModule(L.LightningDataModule):
         self.student_view = student_view
         self.teacher_input_shape = tuple(teacher_input_shape) if teacher_input_shape else None
         self.splits: dict[str, dict[str, Tensor]] = {}
+        if serve not in SERVE_MODES:
+            raise KDLabError(f"data.serve={serve!r} is not one of {SERVE_MODES}; 'auto' picks by size and device.")
+        self.serve, self.device_max_mb = serve, device_max_mb
+        self.loader_options = {"num_workers": num_workers, "pin_memory": pin_memory}
+        self.loader_options["persistent_workers"] = persistent_workers
+        self._device_splits: dict[str, dict[str, Tensor]] = {}
 
     # -- to implement ----------------------------------------------------------------------------------
     def load(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -91,11 +112,31 @@ class TensorDataModule(L.LightningDataModule):
         self.setup()
         return self.splits["train"]["target"]
 
-    def _loader(self, split: str, train: bool) -> TensorBatches:
+    def serving_mode(self, device: torch.device) -> str:
+        """``tensors``, ``device`` or ``loader`` (see ``__init__``'s ``serve``)."""
+        if self.serve != "auto":
+            return self.serve
+        if device.type == "cpu":
+            return "tensors"
+        size_mb = sum(t.numel() * t.element_size() for s in self.splits.values() for t in s.values()) / 2**20
+        if size_mb > self.device_max_mb:
+            return "loader"
+        return "device" if self.augment is None or isinstance(self.augment, DEVICE_SAFE) else "tensors"
+
+    def _served(self, split: str, mode: str, device: torch.device) -> dict[str, Tensor]:
+        if mode != "device":
+            return self.splits[split]
+        if split not in self._device_splits:  # once per run: later epochs and loaders reuse the device copy
+            self._device_splits[split] = {key: t.to(device) for key, t in self.splits[split].items()}
+        return self._device_splits[split]
+
+    def _loader(self, split: str, train: bool) -> TensorBatches | DataLoader:
         self.setup()
         trainer = self.trainer
-        return TensorBatches(
-            self.splits[split],
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        mode = self.serving_mode(device)
+        batches = TensorBatches(
+            self._served(split, mode, device),
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
             drop_last=train,
@@ -105,6 +146,9 @@ class TensorDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer is not None else 0,
             world_size=trainer.world_size if trainer is not None else 1,
         )
+        if mode == "loader":
+            return loader_batches(batches, **self.loader_options)
+        return batches
 
     def train_dataloader(self) -> TensorBatches:
         return self._loader("train", train=True)
