@@ -3,10 +3,10 @@
 A fresh run records what a resume needs in ``<run dir>/resume.yaml`` before training: its config as composed
 (unresolved, so ``paths.output_dir`` follows the run dir; the other ``paths`` made absolute, so a resume from
 another working directory finds the same data and teacher store) and the W&B run id it logs to. A resume reads
-that file, picks the newest checkpoint of the run (``checkpoints/last.ckpt``, saved every epoch, or a SLURM
-pre-emption checkpoint ``hpc_ckpt_<n>.ckpt``) and continues: W&B appends to the same run id, the CSV log keeps
-its rows up to the checkpoint's epoch. The checkpoint holds every state a resume needs to end with the
-metrics of an uninterrupted run (``DistillationModule.on_save_checkpoint``, docs/reliability.md).
+that file, picks the run's checkpoint (``checkpoints/last.ckpt``, saved every epoch; a SLURM pre-emption
+checkpoint ``hpc_ckpt_<n>.ckpt`` when there is no other) and continues: W&B appends to the same run id, the
+CSV log keeps its rows up to the checkpoint's epoch. The checkpoint holds every state a resume needs to end
+with the metrics of an uninterrupted run (``DistillationModule.on_save_checkpoint``, docs/reliability.md).
 
 ``conf/hydra/default.yaml`` points ``hydra.run.dir`` at the resumed directory and writes the resume's own
 ``.hydra`` files to ``.hydra-resume-<time>``, so the original run's files are never overwritten.
@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -52,18 +53,18 @@ def _wandb_node(cfg: DictConfig) -> DictConfig | None:
 
 
 def start_or_resume(cfg: DictConfig, overrides: list[str] = ()) -> tuple[DictConfig, str | None]:
-    """``(config, checkpoint)`` of this invocation: the resumed run's own config and its newest checkpoint
+    """``(config, checkpoint)`` of this invocation: the resumed run's own config and its checkpoint
     for ``resume=<dir>``; otherwise ``cfg`` itself (recorded in its run dir for a later resume) and None.
     ``overrides``: the command line's, which a resume refuses (it continues the run as it was configured)."""
     if cfg.get("resume") is None:
-        return record_start(cfg), None
+        return record_start(cfg), requeued_checkpoint(Path(cfg.paths.output_dir))
     others = [o for o in overrides if not o.startswith("resume=")]
     if others:
         raise KDLabError(
             f"resume={cfg.resume} continues that run with its own config, but the command also sets {others}: "
             f"drop them, or {FRESH_RUN.replace('the original overrides', 'your overrides')}."
         )
-    return resume_config(cfg.resume), newest_checkpoint(Path(cfg.resume))
+    return resume_config(cfg.resume), resume_checkpoint(Path(cfg.resume))
 
 
 def record_start(cfg: DictConfig) -> DictConfig:
@@ -112,16 +113,28 @@ def resume_config(run_dir: str | Path) -> DictConfig:
     return cfg
 
 
-def newest_checkpoint(run_dir: Path) -> str:
-    """The most recent of ``checkpoints/last.ckpt`` and SLURM's ``hpc_ckpt_<n>.ckpt``, checked readable."""
+def requeued_checkpoint(run_dir: Path) -> str | None:
+    """A SLURM job that Lightning requeued on the pre-emption signal starts again in the same run dir (a
+    multirun job's dir is pickled with it; a single run's is fixed with ``hydra.run.dir``): it continues from
+    the newest checkpoint there, like ``resume=``, when Lightning left an ``hpc_ckpt_<n>.ckpt``."""
+    if SLURMEnvironment.detect() and any(Path(run_dir).glob("hpc_ckpt_*.ckpt")):
+        return resume_checkpoint(run_dir)
+    return None
+
+
+def resume_checkpoint(run_dir: Path) -> str:
+    """``checkpoints/last.ckpt`` (end of the last finished epoch: an exact resume), else SLURM's newest
+    ``hpc_ckpt_<n>.ckpt`` (taken mid-epoch on the pre-emption signal: the rest of that epoch sees the epoch's
+    first batches again, so close to, not exactly, the uninterrupted run); checked readable."""
     run_dir = Path(run_dir).absolute()
-    candidates = [p for p in [run_dir / "checkpoints" / "last.ckpt", *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    if not candidates:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    hpc = sorted(run_dir.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
+    if not last.is_file() and not hpc:
         raise KDLabError(
             f"resume={run_dir}: no checkpoint in it (checkpoints/last.ckpt is written at the end of the first "
             f"epoch; the run was stopped before, or checkpointing was off): {FRESH_RUN}."
         )
-    path = max(candidates, key=lambda p: p.stat().st_mtime)
+    path = last if last.is_file() else hpc[-1]
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         if not {"state_dict", "epoch", "loops"} <= set(checkpoint):

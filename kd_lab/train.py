@@ -89,7 +89,8 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
         if resume_from:
             results["resumed_from"] = resume_from
             continue_csv_logs(loggers, resume_from)
-        overrides = {"default_root_dir": str(run_dir)}  # where a SLURM requeue saves and finds hpc_ckpt_*.ckpt
+        # where Lightning's SLURM requeue saves hpc_ckpt_<n>.ckpt and the requeued job finds it (docs/reliability.md)
+        overrides = {"default_root_dir": cfg.trainer.get("default_root_dir") or str(run_dir)}
         if algorithm.manual_optimization and cfg.trainer.get("strategy") == "ddp":
             overrides["strategy"] = "ddp_find_unused_parameters_true"  # each backward touches one player only
         trainer = build_trainer(cfg.trainer, build_callbacks(cfg.get("callbacks")), loggers or False, **overrides)

@@ -15,9 +15,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
+import kd_lab.resume
 import kd_lab.train
 from kd_lab.errors import KDLabError
-from kd_lab.resume import RESUME_FILE, newest_checkpoint, record_start, resume_config, start_or_resume
+from kd_lab.resume import RESUME_FILE, record_start, resume_checkpoint, resume_config, start_or_resume
 
 # CRD: a memory bank (buffers), sampled negatives (the global generator), a projection head; a CNN student
 RUN = [
@@ -117,11 +118,11 @@ def test_resume_errors_name_the_path_and_the_fix(make_cfg, tmp_path):
     assert resumed.logger.wandb.id == cfg.logger.wandb.id and resumed.logger.wandb.resume == "allow"
     assert resumed.paths.output_dir == str(run.absolute()) and resumed.resume == str(run.absolute())
     with pytest.raises(KDLabError, match=f"{run}: no checkpoint in it.*start a fresh run"):
-        newest_checkpoint(run)
+        resume_checkpoint(run)
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(KDLabError, match=r"last\.ckpt is corrupt or truncated.*start a fresh run"):
-        newest_checkpoint(run)
+        resume_checkpoint(run)
     with open_dict(cfg):
         cfg.resume = str(run)
     with pytest.raises(KDLabError, match=r"also sets \['seed=3'\]: drop them"):
@@ -167,3 +168,19 @@ def test_adversarial_run_interrupted_and_resumed_in_process_matches(make_cfg, mo
         assert resumed[protocol].keys() == reference[protocol].keys()
         for key, value in reference[protocol].items():
             assert resumed[protocol][key] == pytest.approx(value, abs=1e-6), (protocol, key)
+
+
+def test_a_requeued_slurm_job_continues_from_its_run_dir(make_cfg, monkeypatch):
+    """Lightning's SLURM requeue left hpc_ckpt_<n>.ckpt in the run dir: the requeued job (same dir) continues,
+    from last.ckpt when there is one (an exact resume), else from the newest hpc checkpoint."""
+    cfg = make_cfg("trainer.max_epochs=1")
+    kd_lab.train.train(cfg)
+    run = Path(cfg.paths.output_dir)
+    last = run / "checkpoints" / "last.ckpt"
+    for n in (1, 2):
+        (run / f"hpc_ckpt_{n}.ckpt").write_bytes(last.read_bytes())
+    assert start_or_resume(cfg)[1] is None  # not under SLURM: a fresh start
+    monkeypatch.setattr(kd_lab.resume.SLURMEnvironment, "detect", staticmethod(lambda: True))
+    assert start_or_resume(cfg)[1] == str(last.absolute())
+    last.unlink()
+    assert start_or_resume(cfg)[1] == str((run / "hpc_ckpt_2.ckpt").absolute())
