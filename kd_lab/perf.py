@@ -7,7 +7,7 @@
 - ``channels_last``: NHWC memory format for the models and for 4-D (image) batches, what cuDNN's tensor-core
   convolutions want under bf16; a no-op for 1-D signals and MLPs.
 - ``compile``: ``nn.Module.compile()`` of student and teacher, in place, so state-dict keys (checkpoints) are
-  unchanged.
+  unchanged; ``compile_backend`` picks torch.compile's backend.
 - ``check_finite_every``: steps between non-finite loss checks (``kd_lab.step_stats.FiniteGuard``).
 """
 
@@ -22,6 +22,7 @@ DEFAULTS = {
     "teacher_inference_mode": False,
     "channels_last": False,
     "compile": False,
+    "compile_backend": "inductor",
     "check_finite_every": None,
 }
 
@@ -41,5 +42,5 @@ def apply_perf(perf: DictConfig | dict | None, module: DistillationModule, datam
         module.teacher_cache = TeacherCache(inputs, datamodule.eval_batch_size)
     if settings["compile"]:
         for model in models:
-            model.compile()
+            model.compile(backend=settings["compile_backend"])
     return module
