@@ -119,7 +119,8 @@ def resolve_chain(cfg: DictConfig, datamodule) -> tuple[DictConfig, list[dict[st
     infos = []
     store = Path(cfg.paths.teacher_store)
     for name, student, algorithm in stages:
-        stage = _with(_inner(cfg, algorithm), student=student, teacher=teacher, logger=None)
+        # a stage starts fresh: the run's own ckpt_path (a checkpoint of the run) is not the stage's
+        stage = _with(_inner(cfg, algorithm), student=student, teacher=teacher, logger=None, ckpt_path=None)
         stage = _with(stage, scheme=OmegaConf.create({"_target_": "kd_lab.schemes.Offline", "name": "offline"}))
         key = stage_key(parent, stage)
         entry = store / f"{cfg.algorithm.name}-{name}-{key}"

@@ -31,10 +31,7 @@ from kd_lab.utils.io import _atomic_write
 RESUME_FILE = "resume.yaml"
 FRESH_RUN = "start a fresh run (kd-lab <the original overrides>) instead"
 
-# ``${kd_if_resume:${resume},<then>,<otherwise>}``: the Hydra run dir and output subdir of a resumed run
-OmegaConf.register_new_resolver(
-    "kd_if_resume", lambda resume, then, otherwise: otherwise if resume is None else then, replace=True
-)
+# ``kd_if_resume`` (conf/hydra/default.yaml) is registered in kd_lab/__init__.py, imported before this.
 
 
 def _rank() -> int:
