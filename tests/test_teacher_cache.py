@@ -70,3 +70,26 @@ def test_the_cache_is_refused_for_a_teacher_that_learns(make_cfg):
     cfg = make_cfg("perf.cache_teacher=true", "scheme=online")
     with pytest.raises(KDLabError, match=r"trains the teacher.*perf\.cache_teacher=false"):
         built(cfg)
+
+
+@pytest.mark.slow
+def test_ddp_ranks_each_cache_and_match_the_uncached_run(tmp_path):
+    """trainer=ddp_cpu (2 processes): every rank fills its own cache and reads the rows of its shard."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    fast = ["data=fake", "teacher=mlp_large", "student=mlp_small", "teacher.max_epochs=2", "trainer.max_epochs=2"]
+    env = {**os.environ, "KD_LAB_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    results = {}
+    for cached in ("false", "true"):
+        run = tmp_path / f"cache-{cached}"
+        args = [*fast, "trainer=ddp_cpu", "logger=none", f"perf.cache_teacher={cached}", f"hydra.run.dir={run}"]
+        proc = subprocess.run([sys.executable, "-m", "kd_lab.train", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=240)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[cached] = json.loads((run / "results.json").read_text())
+    assert results["true"]["world_size"] == 2
+    for key, value in results["false"]["best"].items():
+        assert results["true"]["best"][key] == pytest.approx(value, abs=1e-5), key
