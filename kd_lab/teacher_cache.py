@@ -71,10 +71,11 @@ class TeacherCache:
             self.logits.append(torch.cat(logits))
             self.features.append({path: torch.cat([f[path] for f in features]) for path in recorder.paths})
         log.info(
-            "teacher cache: %d samples, %d teacher(s), %.1f MB on %s",
+            "teacher cache: %d samples, %d teacher(s), %.2f MiB (%d bytes) on %s",
             len(self.inputs),
             len(teachers),
             self.nbytes / 2**20,
+            self.nbytes,
             device,
         )
 

@@ -46,6 +46,7 @@ def test_teacher_forward_is_not_called_after_the_cache_is_filled(make_cfg):
     module._step_outputs(batches[0], with_teacher=True)
     filled = calls[0]
     assert filled == -(-datamodule.num_train // datamodule.eval_batch_size)  # one pass over the training set
+    assert module.teacher_cache.nbytes == datamodule.num_train * datamodule.num_classes * 4  # KD: fp32 logits only
     for batch in batches[1:]:
         module._step_outputs(batch, with_teacher=True)
     assert calls[0] == filled and len(batches) > 1
@@ -90,6 +91,8 @@ def test_ddp_ranks_each_cache_and_match_the_uncached_run(tmp_path):
                               capture_output=True, text=True, timeout=240)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[cached] = json.loads((run / "results.json").read_text())
+    for log in ("train.log", "ddp_rank_1.log"):  # both ranks filled a cache of every training sample
+        assert "teacher cache: 192 samples, 1 teacher(s)" in (tmp_path / "cache-true" / log).read_text()
     assert results["true"]["world_size"] == 2
     for key, value in results["false"]["best"].items():
         assert results["true"]["best"][key] == pytest.approx(value, abs=1e-5), key
