@@ -229,13 +229,33 @@ class DistillationModule(L.LightningModule):
         for name, (mean, n) in self._epoch_sums.pop_means().items():
             self.log(name, mean, on_step=False, on_epoch=True, batch_size=n, sync_dist=True)
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
-        self._batch_size = len(batch["target"])
-        out = self._step_outputs(batch, with_teacher=self.algorithm.needs_teacher)
-        loss = self._loss(self._terms(out)) if self.automatic_optimization else self._manual_step(out, batch_idx)
+    def training_step(self, batch: dict[str, Tensor] | list[dict[str, Tensor]], batch_idx: int) -> Tensor | None:
+        if isinstance(batch, list):  # perf.steps_per_batch: a chunk of batches, one optimizer step each
+            loss = None
+            for sub in batch:
+                self._fused_step(sub)
+        else:
+            self._batch_size = len(batch["target"])
+            out = self._step_outputs(batch, with_teacher=self.algorithm.needs_teacher)
+            loss = self._loss(self._terms(out)) if self.automatic_optimization else self._manual_step(out, batch_idx)
         if self._trainer is not None and self.trainer.is_last_batch:
             self._log_epoch_losses()  # within the epoch, so epoch-end callbacks see this epoch's values
         return loss
+
+    def _fused_step(self, batch: dict[str, Tensor]) -> None:
+        """One optimizer step of a chunk (``kd_lab.perf``, manual optimization): what Lightning's automatic loop
+        does for a batch (zero the gradients, backward, step, then the per-step schedule), without the per-batch
+        work around it (fetch, transfer, batch start/end hooks, closure). Backward and step still go through the
+        precision plugin and their hooks (``manual_backward``, ``LightningOptimizer``)."""
+        self._batch_size = len(batch["target"])
+        loss = self._loss(self._terms(self._step_outputs(batch, with_teacher=self.algorithm.needs_teacher)))
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_losses()  # what the last batch did not log (an epoch cut short by max_steps)
