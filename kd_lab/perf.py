@@ -16,6 +16,8 @@
   ``val_check_interval``, ``fast_dev_run``, ``max_steps`` is checked after a whole list).
 """
 
+import difflib
+
 import lightning as L
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -38,6 +40,10 @@ DEFAULTS = {
 
 def apply_perf(perf: DictConfig | dict | None, module: DistillationModule, datamodule) -> DistillationModule:
     settings = {**DEFAULTS, **(dict(perf) if perf else {})}
+    for key in set(settings) - set(DEFAULTS):
+        near = difflib.get_close_matches(key, DEFAULTS, n=1)
+        hint = f"did you mean perf.{near[0]}? " if near else ""
+        raise KDLabError(f"unknown key perf.{key}: {hint}perf takes {sorted(DEFAULTS)} (conf/perf/default.yaml).")
     module.check_finite_every = settings["check_finite_every"]
     module.teacher_inference_mode = bool(settings["teacher_inference_mode"])
     models = [module.student, *module.teachers]

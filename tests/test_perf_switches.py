@@ -106,3 +106,8 @@ def test_fused_steps_are_refused_where_they_cannot_work(make_cfg):
     module = build_module(cfg, datamodule, student, build(cfg.algorithm), build(cfg.scheme), cfg.optim, [teacher])
     with pytest.raises(KDLabError, match=r"FinishedOnDevice finishes each batch on the device"):
         fuse_steps(module, FinishedOnDevice(), 4)
+
+
+def test_a_misspelt_perf_key_is_an_error(make_cfg):
+    with pytest.raises(KDLabError, match=r"unknown key perf\.cache_teachr: did you mean perf\.cache_teacher\?"):
+        train(make_cfg("+perf.cache_teachr=true"))
