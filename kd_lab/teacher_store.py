@@ -35,7 +35,16 @@ from kd_lab.utils.io import atomic_torch_save, atomic_write_json
 log = logging.getLogger(__name__)
 KEY_VERSION = 1
 # where the data lives, eval batching and the run's seed (the teacher's data order follows teacher.seed)
-DATA_KEYS_IGNORED = ("data_dir", "eval_batch_size", "seed")
+DATA_KEYS_IGNORED = (
+    "data_dir",
+    "eval_batch_size",
+    "seed",
+    "serve",
+    "device_max_mb",
+    "num_workers",
+    "pin_memory",
+    "persistent_workers",  # how batches are served
+)
 
 
 def teacher_key(cfg: DictConfig) -> str:
