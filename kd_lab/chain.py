@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lab.builders import group_option, to_dict
 from kd_lab.errors import KDLabError
-from kd_lab.teacher_store import DATA_KEYS_IGNORED, cached_entry, teacher_key
+from kd_lab.teacher_store import DATA_KEYS_IGNORED, cached_entry, global_rank, teacher_key
 from kd_lab.utils.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -130,8 +130,9 @@ def resolve_chain(cfg: DictConfig, datamodule) -> tuple[DictConfig, list[dict[st
             with open_dict(stage):
                 stage.paths.output_dir = str(staging)
             results, objs = train(stage)
-            atomic_torch_save(objs["module"].student.state_dict(), staging / "teacher.pt")
-            shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # the weights above are what is kept
+            if global_rank() == 0:  # one writer; the store renames the entry into place, then all ranks go on
+                atomic_torch_save(objs["module"].student.state_dict(), staging / "teacher.pt")
+                shutil.rmtree(staging / "checkpoints", ignore_errors=True)  # the weights above are what is kept
             return {"metrics": results["best"], "last": results["last"], "stage": name, "seed": results["seed"]}
 
         meta, reused = cached_entry(entry, run_stage)

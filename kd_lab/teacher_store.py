@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from filelock import FileLock
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig
@@ -63,7 +64,7 @@ def teacher_key(cfg: DictConfig) -> str:
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _global_rank() -> int:
+def global_rank() -> int:
     for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
         if var in os.environ:
             return int(os.environ[var])
@@ -99,7 +100,7 @@ def cached_entry(entry: Path, make: Callable[[Path], dict[str, Any]]) -> tuple[d
     the staging directory is renamed into place only when complete. Rank 0 holds a file lock meanwhile
     (ranks > 0 of a DDP job must not take it: they train in lockstep with rank 0)."""
     entry.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(entry) + ".lock") if _global_rank() == 0 else None
+    lock = FileLock(str(entry) + ".lock") if global_rank() == 0 else None
     if lock:
         lock.acquire()
     try:
@@ -108,15 +109,17 @@ def cached_entry(entry: Path, make: Callable[[Path], dict[str, Any]]) -> tuple[d
         # One staging name per entry (every rank of a DDP job must see the same paths; runs are serialized by
         # the lock). Whatever a killed run left there is discarded, never trusted.
         staging = entry.with_name(f".{entry.name}.tmp")
-        if _global_rank() == 0:
+        if global_rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)
         meta = make(staging)
-        if _global_rank() == 0:
+        if global_rank() == 0:
             atomic_write_json(meta, staging / "meta.json")
             try:
                 os.replace(staging, entry)
             except OSError:  # another writer finished first: theirs is as good as ours
                 shutil.rmtree(staging, ignore_errors=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # ranks > 0 may read the entry next (a chain's next stage): wait for it
         return meta, False
     finally:
         if lock:
@@ -129,7 +132,7 @@ def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModul
     log.info("No cached teacher %s: training it for %d epochs", t.name, t.max_epochs)
     L.seed_everything(t.seed, workers=True, verbose=False)
     module = build_module(cfg, datamodule, model, NoDistillation(), Offline(), t.optim, [], trains_a_teacher=True)
-    is_zero = _global_rank() == 0
+    is_zero = global_rank() == 0
     trainer = build_trainer(
         cfg.trainer,
         callbacks=[EpochSummary(every=max(1, t.max_epochs // 5))],

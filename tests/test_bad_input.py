@@ -2,13 +2,13 @@
 fix, and leaves everything already on disk as it was (docs/errors.md lists the same cases and messages)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import subprocess_env
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
@@ -65,7 +65,7 @@ def test_unknown_group_option_lists_the_valid_ones():
 
 @pytest.mark.slow
 def test_unknown_group_option_on_the_command_line(tmp_path):
-    env = {**os.environ, "KD_LAB_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    env = subprocess_env(tmp_path)
     proc = subprocess.run(
         [sys.executable, "-m", "kd_lab.train", "algorithm=kdd"], cwd=tmp_path, env=env, capture_output=True, text=True
     )

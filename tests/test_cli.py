@@ -1,18 +1,18 @@
 """The `kd-lab` command: help, config printing, DDP and multirun. Subprocesses (slow: ~5 s each to start)."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import subprocess_env
 
 FAST = ["data=fake", "teacher=mlp_large", "student=mlp_small", "teacher.max_epochs=2", "trainer.max_epochs=2"]
 
 
 def kd_lab(tmp_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KD_LAB_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    env = subprocess_env(tmp_path)
     cmd = [sys.executable, "-m", "kd_lab.train", *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -3,7 +3,6 @@ the same run left alone; resume errors name the path and the fix."""
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from helpers import subprocess_env
 from omegaconf import OmegaConf, open_dict
 
 import kd_lab.resume
@@ -34,7 +34,7 @@ RUN = [
 
 
 def start(root: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "KD_LAB_ROOT": str(root), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    env = subprocess_env(root)
     root.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "kd_lab.train", *args]
     return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -2,7 +2,6 @@
 executor (the SLURM launcher's code path), and the W&B sweep file. Subprocesses are slow (~10 s each)."""
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import subprocess_env
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -20,7 +20,7 @@ TINY = ["data=fake", "teacher=mlp_large", "student=mlp_small", "teacher.max_epoc
 
 
 def kd_lab(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KD_LAB_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    env = subprocess_env(tmp_path)
     cmd = [sys.executable, "-m", "kd_lab.train", *args]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
