@@ -49,7 +49,10 @@ def read_state_dict(path: str | Path, role: str = "teacher") -> dict[str, torch.
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise KDLabError(f"{role} checkpoint {path} holds no state dict of tensors; save model.state_dict().")
-    if state and all(k.startswith("student.") for k in state):  # a kd-lab run's checkpoint
+    if isinstance(obj, dict) and "state_dict" in obj and any(k.startswith("student.") for k in state):
+        # a kd-lab run's checkpoint: its student (an online teacher, peers or exit heads live beside it)
+        state = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+    elif state and all(k.startswith("student.") for k in state):
         state = {k.removeprefix("student."): v for k, v in state.items()}
     return state
 

@@ -289,3 +289,14 @@ def test_born_again_generations(make_cfg):
     assert all(not p.requires_grad for p in teacher.parameters())
     gen1 = torch.load(results["chain"][1]["path"] + "/teacher.pt", weights_only=True)
     torch.testing.assert_close(teacher.state_dict(), gen1)
+
+
+def test_a_multi_exit_run_checkpoint_is_a_teacher(make_cfg, tmp_path):
+    """A kd-lab checkpoint holds the exits' heads beside the student: as a teacher, only the student loads."""
+    train(make_cfg("scheme=self", "algorithm=byot", "student=cnn1d_tiny", "trainer.max_epochs=1", run="byot"))
+    ckpt = tmp_path / "byot" / "checkpoints" / "best.ckpt"
+    results, objs = train(make_cfg("teacher=cnn1d_large", "teacher.model.channels=[8,8,8]",
+                                   f"teacher.ckpt_path={ckpt}", "debug=fdr"))  # fmt: skip
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    torch.testing.assert_close(objs["teacher"].head.weight, saved["student.head.weight"])
+    assert results["teacher"]["source"] == "checkpoint"
