@@ -101,6 +101,9 @@ def summarize(files: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, 
     vanilla = {(r["data"], r["teacher"], r["student"]): r for r in rows if r["algorithm"] == "none"}
     for row in rows:
         base = vanilla.get((row["data"], row["teacher"], row["student"]))
+        if base is None and row["teacher"] == "-":  # self-distillation: the vanilla student of any teacher row
+            same = [v for (d, _, s), v in vanilla.items() if (d, s) == (row["data"], row["student"])]
+            base = same[0] if len(same) == 1 else None
         row["gain_best"] = row["acc_best"] - base["acc_best"] if base else None
     return rows, problems
 

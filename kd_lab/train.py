@@ -69,9 +69,10 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
         validate_config(cfg)  # every bad key, value, file or pairing: one clear error before anything is built
         check_compatible(cfg.algorithm.name, cfg.scheme.name)
         scheme = build(cfg.scheme)
-        if scheme.teacher_source == "none" and not is_chain(cfg):
-            cfg = replace_nodes(cfg, teacher=None)  # the network teaches itself: no teacher config applies
+        if scheme.teacher_source == "none":  # the network (or its earlier generation) teaches itself
             results["names"].pop("teacher", None)
+            if not is_chain(cfg):
+                cfg = replace_nodes(cfg, teacher=None)  # no teacher config applies
         results["config"] = to_dict(cfg)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         datamodule = build_datamodule(cfg)

@@ -115,3 +115,16 @@ def test_other_models_and_chain_stages_are_reported(tmp_path):
         path.write_text(json.dumps(results))
     (row,) = summarize(sorted(tmp_path.rglob("results.json")))[0]
     assert row["others"] == "peer1 0.5200±0.0283, ensemble 0.6200±0.0283, stage gen0-s 0.4500±0.0707"
+
+
+def test_self_distillation_rows_gain_over_the_vanilla_student(tmp_path):
+    for seed, acc in enumerate([0.60, 0.62]):
+        write(tmp_path / f"none{seed}", "none", seed, acc)
+        write(tmp_path / f"byot{seed}", "byot", seed, acc + 0.05)
+        path = tmp_path / f"byot{seed}" / "results.json"
+        results = json.loads(path.read_text())
+        del results["names"]["teacher"]  # scheme=self: no teacher
+        path.write_text(json.dumps(results))
+    rows, _ = summarize(sorted(tmp_path.rglob("results.json")))
+    byot = next(r for r in rows if r["algorithm"] == "byot")
+    assert byot["teacher"] == "-" and abs(byot["gain_best"] - 0.05) < 1e-9
