@@ -22,30 +22,31 @@ def student_label(row: dict[str, Any], several_pairs: bool) -> str:
 
 
 def accuracy_by_method(rows: list[dict[str, Any]], path: Path) -> Path:
-    """One group of bars per student (per teacher and data, when there are several), one bar per method."""
+    """One panel per student (per teacher and data, when there are several), one horizontal bar per method
+    that ran with it: readable however many methods a survey has."""
     from matplotlib.figure import Figure
 
     several = len({(r["data"], r["teacher"]) for r in rows}) > 1
-    students = list(dict.fromkeys(student_label(r, several) for r in rows))
-    methods = list(dict.fromkeys(method_label(r) for r in rows))
-    cell = {(student_label(r, several), method_label(r)): r for r in rows}
-    width = 0.8 / len(methods)
-    fig = Figure(figsize=(max(6.0, 1.2 + len(students) * len(methods) * 0.45) + 3.0, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    for m, method in enumerate(methods):
-        xs, ys, errs = [], [], []
-        for s, student in enumerate(students):
-            row = cell.get((student, method))
-            if row is not None:
-                xs.append(s - 0.4 + width * (m + 0.5))
-                ys.append(row["acc_best"])
-                errs.append(row["std_best"])
-        ax.bar(xs, ys, width=width, yerr=errs, capsize=3, label=method)
-    ax.set_xticks(range(len(students)), students)
-    low = min(r["acc_best"] - r["std_best"] for r in rows)
-    ax.set_ylim(max(0.0, low - 0.05), min(1.0, max(r["acc_best"] + r["std_best"] for r in rows) + 0.02))
-    ax.set_ylabel(PROTOCOL)
-    fig.legend(fontsize=7, loc="outside right upper")
+    panels: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        panels.setdefault(student_label(r, several), []).append(r)
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    tallest = max(len(v) for v in panels.values())
+    fig = Figure(figsize=(4.8 * ncols, (0.6 + 0.26 * tallest) * nrows + 0.6), layout="constrained")
+    low = max(0.0, min(r["acc_best"] - r["std_best"] for r in rows) - 0.05)
+    high = min(1.0, max(r["acc_best"] + r["std_best"] for r in rows) + 0.02)
+    for i, (student, panel) in enumerate(panels.items()):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ys = range(len(panel))
+        ax.barh(ys, [r["acc_best"] for r in panel], xerr=[r["std_best"] for r in panel], capsize=2,
+                color=["tab:gray" if r["algorithm"] == "none" else "tab:blue" for r in panel])  # fmt: skip
+        ax.set_yticks(ys, [method_label(r) for r in panel], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(low, high)
+        ax.set_title(student.replace("\n", " "), fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.supxlabel(PROTOCOL.replace("\n", " "), fontsize=8)
     fig.savefig(path, dpi=120)
     return path
 
