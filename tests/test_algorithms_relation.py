@@ -537,3 +537,23 @@ def test_crd_under_lightning_ddp_updates_the_rows_of_every_rank(tmp_path):
         norms = state[key].norm(dim=1)
         assert state[key].shape == (192, 128) and ((norms - 1).abs() < 1e-5).all(), key
     assert (state["algorithm.z"] > 0).all()
+
+
+def test_crd_kd_adds_hintons_term_and_leaves_crd_unchanged():
+    """CRD+KD = the same CRD term plus kd_weight * T^2 KL(p_t^T || p_s^T) (hand-computed at T = 1 below)."""
+    index = torch.tensor([0, 5, 10, 15])
+    plain, with_kd = _crd(), _crd(kd_weight=0.5, temperature=1.0)
+    out = _crd_batch(index)
+    s = torch.tensor([[0.0, 0.0, 0.0, 0.0]] * 4, requires_grad=True)
+    t = torch.tensor([[math.log(3.0), 0.0, 0.0, 0.0]] * 4)
+    out.logits, out.teacher_logits = s, t
+    torch.manual_seed(3)  # the same negatives for both
+    a = plain(out)
+    torch.manual_seed(3)
+    b = with_kd(out)
+    assert "kd" not in a and a["crd"].item() == pytest.approx(b["crd"].item(), rel=1e-6)
+    # p_t = [1/2, 1/6, 1/6, 1/6], p_s uniform: KL = 1/2 ln 2 + 3 * 1/6 ln(2/3)
+    expected = 0.5 * (0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0))
+    assert b["kd"].item() == pytest.approx(expected, rel=1e-6)
+    b["kd"].backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0

@@ -4,7 +4,7 @@
     python experiments/cifar100_crd/compare_reference.py table.csv [--protocol last|best] [--markdown gap.md]
 
 Each row of kd-lab-compare's CSV with data=cifar100 and an algorithm the reference has (none, kd, fitnet,
-attention, sp, rkd, pkt, crd; dkd against mdistiller) becomes one line: our test accuracy in % (mean ± std over
+attention, sp, rkd, pkt, crd, crd_kd; dkd against mdistiller) becomes one line: our test accuracy in % (mean ± std over
 seeds) at the chosen protocol, the reference, and the gap. RepDistiller reports the LAST epoch of one run per
 cell (the CRD paper: mean of 5 / 3 runs), mdistiller the BEST epoch, mean of 5; our ``best`` protocol is the
 epoch of best *validation* accuracy, never test. The teachers' accuracies are compared on the same lines.

@@ -3,7 +3,7 @@
 # table (kd-lab-compare) and its gap to the published numbers (compare_reference.py).
 #   bash experiments/cifar100_crd/run.sh PAIR|all METHOD|all [SEEDS] [extra kd-lab overrides...]
 #   bash experiments/cifar100_crd/run.sh resnet32x4-resnet8x4 crd 0            # one cell, one seed
-#   bash experiments/cifar100_crd/run.sh all all 0,1,2                         # 13 pairs x 9 methods x 3 seeds
+#   bash experiments/cifar100_crd/run.sh all all 0,1,2                         # 13 pairs x 10 methods x 3 seeds
 #   bash experiments/cifar100_crd/run.sh vgg13-vgg8 kd 0 teacher.ckpt_path=/path/vgg13.pt  # a released teacher
 # Output: $CIFAR_CRD_OUT (default ./logs/cifar100_crd)/<pair>/<method>/ per sweep, table.{md,csv}, gap.md.
 # CIFAR-100 must be unpacked under paths.data_dir (default ./data/cifar-100-python/). Jobs run one after the
@@ -12,7 +12,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 pairs_dir="$here/../../conf/experiment/cifar100_crd"
 pair=${1:?pair name (e.g. resnet32x4-resnet8x4) or all}
-method=${2:?method (none kd fitnet attention sp rkd pkt crd dkd) or all}
+method=${2:?method (none kd fitnet attention sp rkd pkt crd crd_kd dkd) or all}
 seeds=${3:-0}
 shift $(( $# < 3 ? $# : 3 ))
 out=${CIFAR_CRD_OUT:-$PWD/logs/cifar100_crd}
@@ -30,6 +30,7 @@ overrides() {  # method pair -> kd-lab overrides
     rkd) echo "algorithm.ce_weight=1 algorithm.rkd_weight=1 algorithm.distance_weight=25 algorithm.angle_weight=50" ;;
     pkt) echo "algorithm.ce_weight=1 algorithm.pkt_weight=30000" ;;  # -a 0 -b 30000
     crd) echo "algorithm.ce_weight=1 algorithm.crd_weight=0.8 algorithm.nce_k=16384" ;;  # -a 0 -b 0.8
+    crd_kd) echo "algorithm.ce_weight=1 algorithm.kd_weight=1 algorithm.temperature=4 algorithm.crd_weight=0.8" ;;  # -a 1 -b 0.8
     dkd)  # mdistiller configs/cifar100/dkd/*.yaml: beta 8, 2 or 6 by pair; T 4, warm-up 20
       local beta=8
       case $2 in
@@ -37,7 +38,7 @@ overrides() {  # method pair -> kd-lab overrides
         vgg13-vgg8 | vgg13-MobileNetV2 | wrn_40_2-wrn_16_2 | wrn_40_2-wrn_40_1) beta=6 ;;
       esac
       echo "algorithm.ce_weight=1 algorithm.alpha=1 algorithm.beta=$beta algorithm.temperature=4 algorithm.warmup_epochs=20" ;;
-    *) echo "unknown method $1 (none kd fitnet attention sp rkd pkt crd dkd)" >&2; return 1 ;;
+    *) echo "unknown method $1 (none kd fitnet attention sp rkd pkt crd crd_kd dkd)" >&2; return 1 ;;
   esac
 }
 
@@ -47,7 +48,7 @@ else
   [[ -f $pairs_dir/$pair.yaml ]] || { echo "no pair $pair; pairs: $(cd "$pairs_dir" && ls | sed 's/\.yaml$//' | xargs)" >&2; exit 1; }
   pairs=$pair
 fi
-methods=$([[ $method == all ]] && echo "none kd fitnet attention sp rkd pkt crd dkd" || echo "$method")
+methods=$([[ $method == all ]] && echo "none kd fitnet attention sp rkd pkt crd crd_kd dkd" || echo "$method")
 
 mkdir -p "$out"
 for p in $pairs; do

@@ -7,9 +7,10 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$PWD/logs/mnist1d_survey}
 export OMP_NUM_THREADS=1
-# every offline method but the ones that need other data (cross_modal) or are chains (teacher_assistant)
+# every offline method but the ones that need other data (cross_modal), are chains (teacher_assistant), belong
+# to other schemes (below), or are a benchmark's variant of another (crd_kd: crd plus the kd term)
 algorithms=$(cd "$here/../../conf/algorithm" && ls *.yaml | sed 's/\.yaml$//' |
-  grep -vxE 'cross_modal|teacher_assistant|codistillation|byot|born_again' | paste -sd, -)
+  grep -vxE 'cross_modal|teacher_assistant|codistillation|byot|born_again|crd_kd' | paste -sd, -)
 
 run() {  # sweep name, student, overrides...
   local name=$1 student=$2; shift 2

@@ -16,8 +16,9 @@ RepDistiller code:
         L = -(1/b) sum_i [log(p_i+ / (p_i+ + k/N)) + sum_neg log((k/N) / (p_i- + k/N))]
     is applied to the student's embedding against the teacher bank and to the teacher's against the student
     bank, and the two are summed.
-    loss = ce_weight * CE + crd_weight * (L_s + L_t)
-Recommended (CIFAR-100, RepDistiller): crd_weight 0.8, ce 1, no Hinton term (``-a 0 -b 0.8``); feat_dim 128,
+    loss = ce_weight * CE + crd_weight * (L_s + L_t) [+ kd_weight * T^2 KL(p_t^T || p_s^T), "CRD+KD"]
+Recommended (CIFAR-100, RepDistiller): crd_weight 0.8, ce 1, no Hinton term (``-a 0 -b 0.8``); CRD+KD adds
+Hinton's term with weight 1 at T = 4 (``-a 1 -b 0.8``; ``algorithm=crd_kd``); feat_dim 128,
 nce_k 16384, nce_t 0.07, nce_m 0.5; these are the defaults. ``nce_k`` is capped at num_train - 1 (logged): on
 MNIST-1D (3600 training samples) that is 3599 draws from the ~3240 samples of other classes, with replacement
 as RepDistiller does when the pool is smaller than k. Scores are one (b, N) product with the whole bank and a
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from kd_lab.algorithms.base import BuildContext, StepOutputs
 from kd_lab.algorithms.embedding import flat_dim
+from kd_lab.algorithms.kd import kd_loss
 from kd_lab.algorithms.taps import OneTapPair
 from kd_lab.errors import KDLabError
 from kd_lab.recorder import TapSpec
@@ -160,8 +162,13 @@ class CRD(OneTapPair):
         nce_m: float = 0.5,
         student_tap: TapSpec = "embedding",
         teacher_tap: TapSpec = "embedding",
+        kd_weight: float = 0.0,
+        temperature: float = 4.0,
     ):
         super().__init__(ce_weight, student_tap, teacher_tap)
+        if temperature <= 0:
+            raise KDLabError(f"algorithm.temperature must be > 0, got {temperature}; CRD+KD uses 4.")
+        self.kd_weight, self.temperature = kd_weight, temperature
         if nce_k < 1 or nce_t <= 0 or not 0 <= nce_m < 1 or feat_dim < 1:
             raise KDLabError(
                 f"algorithm: need nce_k >= 1, nce_t > 0, 0 <= nce_m < 1, feat_dim >= 1; got nce_k={nce_k}, "
@@ -230,4 +237,6 @@ class CRD(OneTapPair):
         if self.training:
             self.update_memory(index, v_s, v_t)
         terms["crd"] = self.crd_weight * loss
+        if self.kd_weight:
+            terms["kd"] = self.kd_weight * kd_loss(out.logits, out.teacher_logits, self.temperature)
         return terms
