@@ -92,6 +92,15 @@ def build_trainer(
     return instantiate(spec, callbacks=callbacks, logger=loggers)
 
 
+def replace_nodes(cfg: DictConfig, **nodes: Any) -> DictConfig:
+    """A copy of ``cfg`` with the top-level nodes ``nodes`` replaced (``None`` removes a group's choice)."""
+    new = cfg.copy()
+    with open_dict(new):
+        for key, value in nodes.items():
+            new[key] = value
+    return new
+
+
 def group_option(cfg: DictConfig, group: str, option: str, into: str, keep: tuple[str, ...] = ()) -> DictConfig:
     """``cfg`` with ``cfg[into]`` replaced by ``conf/<group>/<option>.yaml``, keeping the ``keep`` keys of the
     old node (e.g. a teacher's ``optim``); interpolations resolve against the whole config."""
@@ -99,10 +108,8 @@ def group_option(cfg: DictConfig, group: str, option: str, into: str, keep: tupl
     if not path.is_file():
         valid = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
         raise KDLabError(f"unknown {group} '{option}'; valid options: {valid}.")
-    new = cfg.copy()
-    with open_dict(new):
-        new[into] = OmegaConf.merge({k: cfg[into][k] for k in keep if k in cfg[into]}, OmegaConf.load(path))
-    return new
+    kept = {k: cfg[into][k] for k in keep if k in cfg[into]}
+    return replace_nodes(cfg, **{into: OmegaConf.merge(kept, OmegaConf.load(path))})
 
 
 def build_callbacks(cfg: DictConfig | None) -> list[L.Callback]:

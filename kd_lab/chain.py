@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kd_lab.builders import group_option, to_dict
+from kd_lab.builders import group_option, replace_nodes, to_dict
 from kd_lab.errors import KDLabError
 from kd_lab.teacher_store import DATA_KEYS_IGNORED, cached_entry, global_rank, teacher_key
 from kd_lab.utils.io import atomic_torch_save
@@ -46,17 +46,7 @@ def _inner(cfg: DictConfig, name: str) -> DictConfig:
     """``cfg`` with the algorithm replaced by ``name`` plus ``algorithm.inner_overrides`` of the chain."""
     overrides = cfg.algorithm.get("inner_overrides") or {}
     new = group_option(cfg, "algorithm", name, "algorithm")
-    with open_dict(new):
-        new.algorithm = OmegaConf.merge(new.algorithm, overrides)
-    return new
-
-
-def _with(cfg: DictConfig, **nodes: Any) -> DictConfig:
-    new = cfg.copy()
-    with open_dict(new):
-        for key, value in nodes.items():
-            new[key] = value
-    return new
+    return replace_nodes(new, algorithm=OmegaConf.merge(new.algorithm, overrides))
 
 
 def _as_teacher(cfg: DictConfig, student: DictConfig, ckpt_path: str) -> DictConfig:
@@ -120,8 +110,8 @@ def resolve_chain(cfg: DictConfig, datamodule) -> tuple[DictConfig, list[dict[st
     store = Path(cfg.paths.teacher_store)
     for name, student, algorithm in stages:
         # a stage starts fresh: the run's own ckpt_path (a checkpoint of the run) is not the stage's
-        stage = _with(_inner(cfg, algorithm), student=student, teacher=teacher, logger=None, ckpt_path=None)
-        stage = _with(stage, scheme=OmegaConf.create({"_target_": "kd_lab.schemes.Offline", "name": "offline"}))
+        stage = replace_nodes(_inner(cfg, algorithm), student=student, teacher=teacher, logger=None, ckpt_path=None)
+        stage = replace_nodes(stage, scheme=OmegaConf.create({"_target_": "kd_lab.schemes.Offline", "name": "offline"}))
         key = stage_key(parent, stage)
         entry = store / f"{cfg.algorithm.name}-{name}-{key}"
 
@@ -140,4 +130,4 @@ def resolve_chain(cfg: DictConfig, datamodule) -> tuple[DictConfig, list[dict[st
             log.info("Chain stage %s: reusing %s (test acc %.4f)", name, entry, meta["metrics"]["test/acc"])
         infos.append({"stage": name, "reused": reused, "path": str(entry), "key": key, **meta})
         teacher, parent = _as_teacher(cfg, student, str(entry / "teacher.pt")), key
-    return _with(_inner(cfg, cfg.algorithm.inner), teacher=teacher), infos
+    return replace_nodes(_inner(cfg, cfg.algorithm.inner), teacher=teacher), infos

@@ -102,8 +102,9 @@ class DistillationModule(L.LightningModule):
         teacher_shapes = [
             probe_shapes(t, r.paths, teacher_example) for t, r in zip(teachers, self.teacher_recorders, strict=True)
         ]
+        student_features = self._probe_features(example_input)  # one eval-mode forward: shapes and exit names
         algorithm.build(
-            probe_shapes(student, algorithm.student_taps, example_input, "student"),
+            {path: f.shape for path, f in student_features.items()},
             teacher_shapes[0] if teachers else {},
             BuildContext(
                 num_classes,
@@ -121,7 +122,7 @@ class DistillationModule(L.LightningModule):
         self.learning_teacher_names = (
             [algorithm.teacher_name(i) for i in range(len(teachers))] if scheme.trains_teacher else []
         )
-        exits = list(algorithm.exit_logits(self._probe_features(example_input)))
+        exits = list(self._probe_exits(student_features))
         self.extra_names = [*self.learning_teacher_names, *exits]
         if self.extra_names:
             self.extra_names.append("ensemble")  # mean of the student's and the others' probabilities
@@ -158,12 +159,25 @@ class DistillationModule(L.LightningModule):
 
     @torch.no_grad()
     def _probe_features(self, example: Tensor) -> dict[str, Tensor]:
+        """The student's tapped features for ``example``, in eval mode (normalization statistics untouched)."""
         was_training = self.student.training
         self.student.eval()
-        with self.student_recorder:
-            self.student(example)
-        self.student.train(was_training)
+        try:
+            with self.student_recorder:
+                self.student(example)
+        finally:
+            self.student.train(was_training)
         return self.student_recorder.features
+
+    @torch.no_grad()
+    def _probe_exits(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The algorithm's extra classifiers on probed features, in eval mode (their BN statistics untouched)."""
+        was_training = self.algorithm.training
+        self.algorithm.eval()
+        try:
+            return self.algorithm.exit_logits(features)
+        finally:
+            self.algorithm.train(was_training)
 
     def _model_input(self, batch: dict[str, Tensor], key: str) -> Tensor:
         x = batch[key]
@@ -330,7 +344,9 @@ class DistillationModule(L.LightningModule):
         for name, z in extra.items():
             self.extra_test_acc[name].update(z, y)
         if self.teacher is not None:
-            with torch.no_grad():
+            # a teacher that learns was already evaluated with the other models; a frozen one runs here
+            teacher_logits = extra.get(self.learning_teacher_names[0]) if self.learning_teacher_names else None
+            if teacher_logits is None:
                 teacher_logits = self.teacher(batch[self.teacher_input_key])
             self.test_teacher_acc.update(teacher_logits, y)
             self.test_agreement.update(logits, teacher_logits.argmax(-1))

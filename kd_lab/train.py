@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from kd_lab.builders import CONFIG_DIR as BUILDERS_CONFIG_DIR
 from kd_lab.builders import (
@@ -28,6 +28,7 @@ from kd_lab.builders import (
     build_module,
     build_trainer,
     group_option,
+    replace_nodes,
     to_dict,
 )
 from kd_lab.chain import is_chain, resolve_chain
@@ -182,14 +183,6 @@ def fresh_teachers(cfg: DictConfig) -> tuple[list, dict[str, Any]]:
         teachers.append(teacher)
     info = {"name": specs[0].name, "params": count_parameters(teachers[0]), "source": "online"}
     return teachers, info
-
-
-def replace_nodes(cfg: DictConfig, **nodes: Any) -> DictConfig:
-    new = cfg.copy()
-    with open_dict(new):
-        for key, value in nodes.items():
-            new[key] = value
-    return new
 
 
 def summary(results: dict[str, Any], path: Path) -> str:

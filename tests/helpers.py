@@ -1,6 +1,8 @@
 """Test-only algorithms, reachable from configs as ``helpers.<Name>`` (pytest puts tests/ on sys.path)."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -32,3 +34,17 @@ def subprocess_env(root: Path) -> dict[str, str]:
     service that would otherwise be shared by every subprocess and keep a killed run's id "in use")."""
     env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
     return {**env, "KD_LAB_ROOT": str(root), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+
+
+# the smallest real run: fake data, a 2-epoch MLP teacher and student
+TINY = ["data=fake", "teacher=mlp_large", "student=mlp_small", "teacher.max_epochs=2", "trainer.max_epochs=2"]
+
+
+def run_kd_lab(root: Path, *args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    """``kd-lab <args>`` in a subprocess writing under ``root``; with ``check``, a non-zero exit fails the test
+    and shows the end of its output."""
+    cmd = [sys.executable, "-m", "kd_lab.train", *args]
+    proc = subprocess.run(cmd, cwd=root, env=subprocess_env(root), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc

@@ -522,15 +522,10 @@ def test_default_taps():
 def test_crd_under_lightning_ddp_updates_the_rows_of_every_rank(tmp_path):
     """trainer=ddp_cpu, one epoch on fake data (192 samples, 2 ranks x 3 batches of 32): rank 0's checkpointed
     banks hold all 192 rows updated (unit norm; initial rows are not), so rank 1's rows reached rank 0."""
-    import os
-    import subprocess
-    import sys
+    from helpers import TINY, run_kd_lab
 
-    env = {**os.environ, "KD_LAB_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    args = ["data=fake", "teacher=mlp_large", "student=mlp_small", "teacher.max_epochs=2", "trainer.max_epochs=1"]
-    cmd = [sys.executable, "-m", "kd_lab.train", *args, "trainer=ddp_cpu", "logger=none", "algorithm=crd"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one_epoch = [a for a in TINY if not a.startswith("trainer.max_epochs")] + ["trainer.max_epochs=1"]
+    run_kd_lab(tmp_path, *one_epoch, "trainer=ddp_cpu", "logger=none", "algorithm=crd")
     (ckpt,) = (tmp_path / "logs" / "runs").glob("*/checkpoints/last.ckpt")
     state = torch.load(ckpt, weights_only=False)["state_dict"]
     for key in ("algorithm.memory_s", "algorithm.memory_t"):

@@ -2,13 +2,11 @@
 fix, and leaves everything already on disk as it was (docs/errors.md lists the same cases and messages)."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import subprocess_env
+from helpers import run_kd_lab
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
@@ -65,10 +63,7 @@ def test_unknown_group_option_lists_the_valid_ones():
 
 @pytest.mark.slow
 def test_unknown_group_option_on_the_command_line(tmp_path):
-    env = subprocess_env(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "kd_lab.train", "algorithm=kdd"], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
+    proc = run_kd_lab(tmp_path, "algorithm=kdd", check=False)
     assert proc.returncode == 1
     assert "Could not find 'algorithm/kdd'" in proc.stderr and "\tkd\n" in proc.stderr
     assert not (tmp_path / "logs").exists() and not (tmp_path / "teachers").exists()

@@ -1,26 +1,13 @@
 """The `kd-lab` command: help, config printing, DDP and multirun. Subprocesses (slow: ~5 s each to start)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from helpers import subprocess_env
-
-FAST = ["data=fake", "teacher=mlp_large", "student=mlp_small", "teacher.max_epochs=2", "trainer.max_epochs=2"]
-
-
-def kd_lab(tmp_path: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    env = subprocess_env(tmp_path)
-    cmd = [sys.executable, "-m", "kd_lab.train", *args]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+from helpers import TINY, run_kd_lab
 
 
 def test_help_lists_the_config_groups(tmp_path):
-    out = kd_lab(tmp_path, "--help").stdout
+    out = run_kd_lab(tmp_path, "--help").stdout
     for group in ("data", "teacher", "student", "algorithm", "scheme", "optim", "trainer", "logger", "callbacks",
                   "paths", "experiment", "debug"):  # fmt: skip
         assert f"\n{group}: " in out, group
@@ -28,14 +15,14 @@ def test_help_lists_the_config_groups(tmp_path):
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path):
-    out = kd_lab(tmp_path, "--cfg", "job", "algorithm.temperature=2").stdout
+    out = run_kd_lab(tmp_path, "--cfg", "job", "algorithm.temperature=2").stdout
     assert "temperature: 2" in out and "_target_: kd_lab.algorithms.KD" in out and "name: mnist1d" in out
 
 
 @pytest.mark.slow
 def test_each_run_gets_its_own_directory(tmp_path):
-    kd_lab(tmp_path, *FAST, "logger=none", "seed=0")
-    kd_lab(tmp_path, *FAST, "logger=none", "seed=1")
+    run_kd_lab(tmp_path, *TINY, "logger=none", "seed=0")
+    run_kd_lab(tmp_path, *TINY, "logger=none", "seed=1")
     runs = sorted((tmp_path / "logs" / "runs").iterdir())
     assert len(runs) == 2
     assert [json.loads((r / "results.json").read_text())["seed"] for r in runs] == [0, 1]
@@ -44,7 +31,7 @@ def test_each_run_gets_its_own_directory(tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
-    kd_lab(tmp_path, *FAST, "trainer=ddp_cpu", "logger=csv")
+    run_kd_lab(tmp_path, *TINY, "trainer=ddp_cpu", "logger=csv")
     (run,) = (tmp_path / "logs" / "runs").iterdir()
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "finished" and results["world_size"] == 2
@@ -55,7 +42,7 @@ def test_ddp_two_cpu_processes(tmp_path):
 def test_multirun_with_ddp_every_rank_trains_the_jobs_config(tmp_path):
     """Lightning's ddp re-runs argv for rank 1; under -m that would be a sweep of its own. kd-lab re-composes
     the job's own config instead, and the module checks that every rank hashed the same config."""
-    kd_lab(tmp_path, "-m", *FAST, "trainer=ddp_cpu", "logger=none", "seed=0,1", "optim.optimizer.lr=0.01,0.003")
+    run_kd_lab(tmp_path, "-m", *TINY, "trainer=ddp_cpu", "logger=none", "seed=0,1", "optim.optimizer.lr=0.01,0.003")
     (sweep,) = (tmp_path / "logs" / "multiruns").iterdir()
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(jobs) == 4
@@ -74,7 +61,7 @@ def test_multirun_with_ddp_every_rank_trains_the_jobs_config(tmp_path):
 @pytest.mark.slow
 def test_adversarial_under_ddp(tmp_path):
     """Two optimizers under manual optimization, each backward touching one player, across 2 processes."""
-    kd_lab(tmp_path, *FAST, "trainer=ddp_cpu", "logger=none", "algorithm=adversarial")
+    run_kd_lab(tmp_path, *TINY, "trainer=ddp_cpu", "logger=none", "algorithm=adversarial")
     (run,) = (tmp_path / "logs" / "runs").iterdir()
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "finished" and results["world_size"] == 2
@@ -82,7 +69,7 @@ def test_adversarial_under_ddp(tmp_path):
 
 @pytest.mark.slow
 def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
-    kd_lab(tmp_path, "-m", *FAST, "logger=none", "student.model.num_classes=7,10")  # the first job cannot build
+    run_kd_lab(tmp_path, "-m", *TINY, "logger=none", "student.model.num_classes=7,10")  # the first job cannot build
     (sweep,) = (tmp_path / "logs" / "multiruns").iterdir()
     results = [json.loads((job / "results.json").read_text()) for job in sweep.iterdir() if job.is_dir()]
     statuses = {r["config"]["student"]["model"]["num_classes"]: r["status"] for r in results}
@@ -102,7 +89,7 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     ids=["online_kd", "codistillation", "byot", "born_again", "teacher_assistant"],
 )
 def test_every_scheme_under_ddp(tmp_path, scheme):
-    kd_lab(tmp_path, *FAST, "trainer=ddp_cpu", "logger=none", *scheme)
+    run_kd_lab(tmp_path, *TINY, "trainer=ddp_cpu", "logger=none", *scheme)
     (run,) = (tmp_path / "logs" / "runs").iterdir()
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "finished" and results["world_size"] == 2

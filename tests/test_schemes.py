@@ -2,6 +2,8 @@
 and teacher-assistant chains; their invariants and losses."""
 
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,47 +40,33 @@ def test_online_teacher_learns_and_is_checkpointed(make_cfg, tmp_path):
     assert {"train/loss_teacher_ce", "train/loss_kd", "teacher/val/acc", "ensemble/val/acc"} <= set(header)
 
 
-def test_online_teacher_parameters_change(make_cfg):
-    cfg = make_cfg(*CNN_TEACHER, "scheme=online", "algorithm=kd", "debug=fdr")
-    before = {}
-
+def _online_teacher_before_and_after(cfg, monkeypatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The online teacher's parameters when the module is built and after ``train(cfg)``."""
     import kd_lab.train as train_module
 
-    original = train_module.build_module
+    original, before = train_module.build_module, []
 
     def spy(*args, **kwargs):
         module = original(*args, **kwargs)
-        before["teacher"] = _params(module.teachers[0])
+        before.extend(_params(module.teachers[0]))
         return module
 
-    train_module.build_module = spy
-    try:
-        _, objs = train(cfg)
-    finally:
-        train_module.build_module = original
-    after = _params(objs["module"].teachers[0])
-    assert any(not torch.equal(a, b) for a, b in zip(before["teacher"], after, strict=True))
+    monkeypatch.setattr(train_module, "build_module", spy)
+    _, objs = train(cfg)
+    return before, _params(objs["module"].teachers[0])
 
 
-def test_online_algorithm_terms_never_reach_the_teacher(make_cfg):
+def test_online_teacher_parameters_change(make_cfg, monkeypatch):
+    cfg = make_cfg(*CNN_TEACHER, "scheme=online", "algorithm=kd", "debug=fdr")
+    before, after = _online_teacher_before_and_after(cfg, monkeypatch)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_online_algorithm_terms_never_reach_the_teacher(make_cfg, monkeypatch):
     """With the teacher's own terms off, KD (which sees detached teacher outputs) leaves it untouched."""
     cfg = make_cfg(*CNN_TEACHER, "scheme=online", "algorithm=kd", "scheme.teacher_ce_weight=0", "debug=fdr")
-    import kd_lab.train as train_module
-
-    original, before = train_module.build_module, {}
-
-    def spy(*args, **kwargs):
-        module = original(*args, **kwargs)
-        before["teacher"] = _params(module.teachers[0])
-        return module
-
-    train_module.build_module = spy
-    try:
-        _, objs = train(cfg)
-    finally:
-        train_module.build_module = original
-    after = _params(objs["module"].teachers[0])
-    assert all(torch.equal(a, b) for a, b in zip(before["teacher"], after, strict=True))
+    before, after = _online_teacher_before_and_after(cfg, monkeypatch)
+    assert before and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 def test_online_teacher_terms_golden():
@@ -271,9 +259,6 @@ def test_teacher_assistant_chain_caches_stages_and_resumes(make_cfg, tmp_path):
     assert second["names"]["algorithm"] == "teacher_assistant"
     # an interrupted chain: the second stage never finished (only its staging directory exists)
     last = second["chain"][1]["path"]
-    import shutil
-    from pathlib import Path
-
     shutil.move(last, Path(last).with_name("." + Path(last).name + ".tmp-killed"))
     third, _ = train(make_cfg(*overrides, run="resumed"))
     assert [s["reused"] for s in third["chain"]] == [True, False]  # resumes at the first unfinished stage

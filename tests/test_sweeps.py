@@ -3,28 +3,17 @@ executor (the SLURM launcher's code path), and the W&B sweep file. Subprocesses 
 
 import json
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import subprocess_env
+from helpers import TINY, run_kd_lab
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from kd_lab.train import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["data=fake", "teacher=mlp_large", "student=mlp_small", "teacher.max_epochs=2", "trainer.max_epochs=2"]
-
-
-def kd_lab(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = subprocess_env(tmp_path)
-    cmd = [sys.executable, "-m", "kd_lab.train", *args]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 def job_results(sweep: Path) -> list[dict]:
@@ -41,7 +30,7 @@ def the_sweep(tmp_path: Path) -> Path:
 def test_joblib_runs_jobs_in_parallel_processes_and_records_failures(tmp_path):
     """Two jobs on two loky workers at once; the one with a 7-class student fails inside train() and is
     recorded as failed while the other finishes (the sweep goes on)."""
-    out = kd_lab(tmp_path, "-m", "hydra/launcher=parallel", "debug=fdr", *TINY, "student.model.num_classes=7,10")
+    out = run_kd_lab(tmp_path, "-m", "hydra/launcher=parallel", "debug=fdr", *TINY, "student.model.num_classes=7,10")
     assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr
     runs = job_results(the_sweep(tmp_path))
     assert sorted((r["config"]["student"]["model"]["num_classes"], r["status"]) for r in runs) == [
@@ -65,7 +54,7 @@ def optuna_trials(db: Path) -> list[tuple[str, float | None, dict[str, float]]]:
 
 @pytest.mark.slow
 def test_optuna_search_maximizes_val_acc_and_resumes_from_its_storage(tmp_path):
-    kd_lab(tmp_path, "-m", "hparams_search=kd_optuna", "hydra.sweeper.n_trials=2", *TINY, "logger=none")
+    run_kd_lab(tmp_path, "-m", "hparams_search=kd_optuna", "hydra.sweeper.n_trials=2", *TINY, "logger=none")
     sweep = the_sweep(tmp_path)
     db = sweep / "optuna.db"
     trials = optuna_trials(db)
@@ -81,7 +70,7 @@ def test_optuna_search_maximizes_val_acc_and_resumes_from_its_storage(tmp_path):
 
     # a second search on the same storage adds to the study (sampler seed changed, or its random start repeats)
     args = ["hydra.sweeper.n_trials=1", f"hydra.sweeper.storage.path={db}", "hydra.sweeper.sampler.seed=1"]
-    kd_lab(tmp_path, "-m", "hparams_search=kd_optuna", *args, *TINY, "logger=none")
+    run_kd_lab(tmp_path, "-m", "hparams_search=kd_optuna", *args, *TINY, "logger=none")
     resumed = optuna_trials(db)
     assert len(resumed) == 3 and resumed[:2] == trials and resumed[2][0] == "COMPLETE"
     assert len(list((tmp_path / "logs" / "multiruns").iterdir())) == 2  # the new trial ran in its own sweep dir
@@ -89,7 +78,7 @@ def test_optuna_search_maximizes_val_acc_and_resumes_from_its_storage(tmp_path):
 
 @pytest.mark.slow
 def test_submitit_local_executor_runs_each_job_in_its_own_process(tmp_path):
-    kd_lab(tmp_path, "-m", "hydra/launcher=slurm_local", "debug=fdr", *TINY, "seed=1")
+    run_kd_lab(tmp_path, "-m", "hydra/launcher=slurm_local", "debug=fdr", *TINY, "seed=1")
     sweep = the_sweep(tmp_path)
     assert [(r["seed"], r["status"]) for r in job_results(sweep)] == [(1, "finished")]
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 1  # it went through submitit

@@ -77,19 +77,14 @@ def test_the_cache_is_refused_for_a_teacher_that_learns(make_cfg):
 def test_ddp_ranks_each_cache_and_match_the_uncached_run(tmp_path):
     """trainer=ddp_cpu (2 processes): every rank fills its own cache and reads the rows of its shard."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    fast = ["data=fake", "teacher=mlp_large", "student=mlp_small", "teacher.max_epochs=2", "trainer.max_epochs=2"]
-    env = {**os.environ, "KD_LAB_ROOT": str(tmp_path), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    from helpers import TINY, run_kd_lab
+
     results = {}
     for cached in ("false", "true"):
         run = tmp_path / f"cache-{cached}"
-        args = [*fast, "trainer=ddp_cpu", "logger=none", f"perf.cache_teacher={cached}", f"hydra.run.dir={run}"]
-        proc = subprocess.run([sys.executable, "-m", "kd_lab.train", *args], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=240)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        run_kd_lab(tmp_path, *TINY, "trainer=ddp_cpu", "logger=none", f"perf.cache_teacher={cached}",
+                   f"hydra.run.dir={run}", timeout=240)  # fmt: skip
         results[cached] = json.loads((run / "results.json").read_text())
     for log in ("train.log", "ddp_rank_1.log"):  # both ranks filled a cache of every training sample
         assert "teacher cache: 192 samples, 1 teacher(s)" in (tmp_path / "cache-true" / log).read_text()
