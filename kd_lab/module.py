@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs, cross_entropy
 from kd_lab.errors import KDLabError
+from kd_lab.fused_steps import OptimizerSteps, clip
 from kd_lab.recorder import FeatureRecorder, probe_shapes
 from kd_lab.resume import rng_states, set_rng_states
 from kd_lab.schemes.base import Scheme
@@ -50,8 +51,10 @@ class DistillationModule(L.LightningModule):
     teacher_inference_mode: bool = False  # frozen teachers under torch.inference_mode instead of no_grad
     channels_last: bool = False  # 4-D (image) inputs in NHWC memory format, as the models are
     check_finite_every: int | None = None  # steps between non-finite loss checks; None: 1 on CPU, 50 on GPU
+    gradient_clip: tuple[float, str] | None = None  # manual optimization: (value, algorithm), kd_lab.fused_steps
     _finite_guard: FiniteGuard | None = None
     _epoch_sums: EpochSums | None = None
+    _optimizer_steps: OptimizerSteps | None = None  # perf.steps_per_batch, built once per fit
 
     def __init__(
         self,
@@ -219,6 +222,9 @@ class DistillationModule(L.LightningModule):
             if len(set(hashes)) > 1:
                 raise KDLabError(f"DDP ranks were given different configs (hashes {hashes}); see trainer=ddp docs.")
 
+    def on_train_start(self) -> None:
+        self._optimizer_steps = None  # a new fit (or a resumed one) has new optimizers
+
     def on_train_epoch_start(self) -> None:
         self.algorithm.on_epoch_start(self.current_epoch, self.trainer.max_epochs)
 
@@ -258,18 +264,13 @@ class DistillationModule(L.LightningModule):
 
     def _fused_step(self, batch: dict[str, Tensor]) -> None:
         """One optimizer step of a chunk (``kd_lab.perf``, manual optimization): what Lightning's automatic loop
-        does for a batch (zero the gradients, backward, step, then the per-step schedule), without the per-batch
-        work around it (fetch, transfer, batch start/end hooks, closure). Backward and step still go through the
-        precision plugin and their hooks (``manual_backward``, ``LightningOptimizer``)."""
+        does for a batch, without the per-batch work around it (fetch, transfer, batch start/end hooks); the
+        backward and step themselves skip Lightning's hooks when nothing uses them (``kd_lab.fused_steps``)."""
         self._batch_size = len(batch["target"])
         loss = self._loss(self._terms(self._step_outputs(batch, with_teacher=self.algorithm.needs_teacher)))
-        optimizer = self.optimizers()
-        optimizer.zero_grad()
-        self.manual_backward(loss)
-        optimizer.step()
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
-            scheduler.step()
+        if self._optimizer_steps is None:
+            self._optimizer_steps = OptimizerSteps(self)
+        self._optimizer_steps(loss)
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch_losses()  # what the last batch did not log (an epoch cut short by max_steps)
@@ -291,10 +292,12 @@ class DistillationModule(L.LightningModule):
                 loss = self._loss(algorithm.adversary_loss(out), prefix="train/adversary_loss")
                 adversary_opt.zero_grad()
                 self.manual_backward(loss)
+                clip(self, adversary_opt)
                 adversary_opt.step()
         loss = self._loss(self._terms(out))
         student_opt.zero_grad()
         self.manual_backward(loss)
+        clip(self, student_opt)
         student_opt.step()
         schedulers = self.lr_schedulers()
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import torch
 from torch import Tensor
 
@@ -48,3 +49,13 @@ def run_kd_lab(root: Path, *args: str, timeout: int = 300, check: bool = True) -
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+class BackwardCounter(L.Callback):
+    """Counts ``on_after_backward`` calls: a callback that needs Lightning's own backward and step."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_after_backward(self, trainer, module) -> None:
+        self.calls += 1

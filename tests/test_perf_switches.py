@@ -76,38 +76,6 @@ def test_compile_with_inductor_runs(make_cfg):
     assert results["status"] == "finished"
 
 
-def test_fused_steps_train_exactly_like_one_step_per_batch(make_cfg):
-    """perf.steps_per_batch=4: lists of 4 batches (6 batches per epoch: lists of 4 and 2), one optimizer step
-    per batch, the cosine schedule counted in optimizer steps: the same run as Lightning's automatic loop."""
-    plain, plain_objects = train(make_cfg(run="plain"))
-    fused, objects = train(make_cfg("perf.steps_per_batch=4", run="fused"))
-    assert not objects["module"].automatic_optimization
-    assert objects["trainer"].global_step == plain_objects["trainer"].global_step == 12  # optimizer steps
-    assert objects["trainer"].optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine end
-    for protocol in ("best", "last"):
-        for key, value in plain[protocol].items():
-            assert fused[protocol][key] == pytest.approx(value, abs=1e-6), (protocol, key)
-
-
-def test_fused_steps_are_refused_where_they_cannot_work(make_cfg):
-    from kd_lab.data import FakeDataModule
-    from kd_lab.perf import fuse_steps
-
-    with pytest.raises(KDLabError, match=r"adversary.*perf\.steps_per_batch=1"):
-        train(make_cfg("algorithm=adversarial", "perf.steps_per_batch=4"))
-
-    class FinishedOnDevice(FakeDataModule):  # like CIFAR's on-device crop and flip
-        def on_after_batch_transfer(self, batch, dataloader_idx):
-            return batch
-
-    cfg = make_cfg()
-    datamodule = build_datamodule(cfg)
-    student, teacher = build_model(cfg.student.model), build_model(cfg.teacher.model)
-    module = build_module(cfg, datamodule, student, build(cfg.algorithm), build(cfg.scheme), cfg.optim, [teacher])
-    with pytest.raises(KDLabError, match=r"FinishedOnDevice finishes each batch on the device"):
-        fuse_steps(module, FinishedOnDevice(), 4)
-
-
 def test_a_misspelt_perf_key_is_an_error(make_cfg):
     with pytest.raises(KDLabError, match=r"unknown key perf\.cache_teachr: did you mean perf\.cache_teacher\?"):
         train(make_cfg("+perf.cache_teachr=true"))

@@ -1,0 +1,93 @@
+"""perf.steps_per_batch (kd_lab.perf, kd_lab.fused_steps): lists of batches, one optimizer step per batch, the
+same run as Lightning's automatic loop; Lightning's own backward/step only where something needs it."""
+
+import lightning as L
+import pytest
+import torch
+
+from kd_lab.builders import build, build_datamodule, build_model, build_module
+from kd_lab.errors import KDLabError
+from kd_lab.fused_steps import direct_step_blocker
+from kd_lab.train import train
+
+COUNTER = "+callbacks.backward_counter._target_=helpers.BackwardCounter"
+
+
+def _assert_same_results(a: dict, b: dict) -> None:
+    for protocol in ("best", "last"):
+        for key, value in a[protocol].items():
+            assert b[protocol][key] == pytest.approx(value, abs=1e-6), (protocol, key)
+
+
+def test_fused_steps_train_exactly_like_one_step_per_batch(make_cfg):
+    """Lists of 4 batches (6 batches per epoch: lists of 4 and 2), one optimizer step per batch, the cosine
+    schedule counted in optimizer steps; by default without Lightning's step hooks (the direct path)."""
+    plain, plain_objects = train(make_cfg(run="plain"))
+    fused, objects = train(make_cfg("perf.steps_per_batch=4", run="fused"))
+    module = objects["module"]
+    assert not module.automatic_optimization and module._optimizer_steps.direct
+    assert objects["trainer"].global_step == plain_objects["trainer"].global_step == 12  # optimizer steps
+    assert objects["trainer"].optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine end
+    _assert_same_results(plain, fused)
+
+
+def test_a_callback_on_the_step_hooks_gets_lightnings_path_and_every_call(make_cfg):
+    direct, _ = train(make_cfg("perf.steps_per_batch=4", run="direct"))
+    hooked, objects = train(make_cfg("perf.steps_per_batch=4", COUNTER, run="hooked"))
+    steps = objects["module"]._optimizer_steps
+    assert not steps.direct and "BackwardCounter implements on_after_backward" in steps.blocker
+    counter = next(c for c in objects["trainer"].callbacks if type(c).__name__ == "BackwardCounter")
+    assert counter.calls == objects["trainer"].global_step == 12
+    _assert_same_results(direct, hooked)
+
+
+def test_direct_steps_are_blocked_by_profilers_scalers_and_strategies(make_cfg):
+    module = L.LightningModule()
+    assert direct_step_blocker(L.Trainer(accelerator="cpu", logger=False), module) is None
+    assert "profiler" in direct_step_blocker(L.Trainer(accelerator="cpu", profiler="simple", logger=False), module)
+    ddp = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False)
+    assert "strategy DDPStrategy" in direct_step_blocker(ddp, module)
+    half = L.Trainer(accelerator="cpu", precision="16-true", logger=False)
+    assert "precision plugin HalfPrecision" in direct_step_blocker(half, module)
+
+
+@pytest.mark.parametrize("clip", ["0.05", "0.05 +trainer.gradient_clip_algorithm=value"])
+def test_gradient_clipping_moves_into_manual_steps_and_clips_the_same(make_cfg, clip):
+    """Lightning refuses trainer.gradient_clip_val under manual optimization; the fused steps clip like its
+    automatic loop does."""
+    value, *algorithm = clip.split()
+    overrides = [f"+trainer.gradient_clip_val={value}", *algorithm]
+    plain, plain_objects = train(make_cfg(*overrides, run="plain"))
+    _, unclipped = train(make_cfg(run="unclipped"))
+    fused, objects = train(make_cfg(*overrides, "perf.steps_per_batch=4", run="fused"))
+    assert objects["module"].gradient_clip == (0.05, "value" if algorithm else "norm")
+    assert objects["trainer"].gradient_clip_val is None
+    _assert_same_results(plain, fused)
+    students = [o["module"].student for o in (plain_objects, objects, unclipped)]
+    clipped, fused_clipped, not_clipped = ([p.detach() for p in s.parameters()] for s in students)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(clipped, fused_clipped, strict=True))
+    assert any(not torch.allclose(a, c, atol=1e-4) for a, c in zip(clipped, not_clipped, strict=True))
+
+
+def test_adversarial_methods_clip_their_manual_steps(make_cfg):
+    results, objects = train(make_cfg("algorithm=adversarial", "+trainer.gradient_clip_val=0.5"))
+    assert results["status"] == "finished" and objects["module"].gradient_clip == (0.5, "norm")
+
+
+def test_fused_steps_are_refused_where_they_cannot_work(make_cfg):
+    from kd_lab.data import FakeDataModule
+    from kd_lab.perf import fuse_steps
+
+    with pytest.raises(KDLabError, match=r"adversary.*perf\.steps_per_batch=1"):
+        train(make_cfg("algorithm=adversarial", "perf.steps_per_batch=4"))
+
+    class FinishedOnDevice(FakeDataModule):  # like CIFAR's on-device crop and flip
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            return batch
+
+    cfg = make_cfg()
+    datamodule = build_datamodule(cfg)
+    student, teacher = build_model(cfg.student.model), build_model(cfg.teacher.model)
+    module = build_module(cfg, datamodule, student, build(cfg.algorithm), build(cfg.scheme), cfg.optim, [teacher])
+    with pytest.raises(KDLabError, match=r"FinishedOnDevice finishes each batch on the device"):
+        fuse_steps(module, FinishedOnDevice(), 4)
