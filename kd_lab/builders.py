@@ -76,7 +76,7 @@ def build_module(
         train_targets=datamodule.train_targets,
         config_hash=config_hash(cfg),
     )
-    return apply_perf(cfg.get("perf"), module, datamodule)  # speed switches (conf/perf, docs/performance.md)
+    return apply_perf(cfg.get("perf"), module, datamodule, cfg)  # speed switches (conf/perf, docs/performance.md)
 
 
 def build_trainer(
@@ -106,7 +106,7 @@ def group_option(cfg: DictConfig, group: str, option: str, into: str, keep: tupl
     old node (e.g. a teacher's ``optim``); interpolations resolve against the whole config."""
     path = CONFIG_DIR / group / f"{option}.yaml"
     if not path.is_file():
-        valid = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        valid = sorted(p.stem for p in (CONFIG_DIR / group).glob("[!_]*.yaml"))
         raise KDLabError(f"unknown {group} '{option}'; valid options: {valid}.")
     kept = {k: cfg[into][k] for k in keep if k in cfg[into]}
     return replace_nodes(cfg, **{into: OmegaConf.merge(kept, OmegaConf.load(path))})

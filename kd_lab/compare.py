@@ -28,6 +28,12 @@ NOT_A_SETTING = (
     "run_name",
     "hydra.",
     "trainer.enable_progress_bar",
+    "perf.",  # speed switches leave the math alone (kd_lab.perf)
+    "data.serve",  # how batches reach the model (conf/data/_serving.yaml)
+    "data.device_max_mb",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
 )
 
 

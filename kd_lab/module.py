@@ -51,6 +51,7 @@ class DistillationModule(L.LightningModule):
     teacher_inference_mode: bool = False  # frozen teachers under torch.inference_mode instead of no_grad
     channels_last: bool = False  # 4-D (image) inputs in NHWC memory format, as the models are
     check_finite_every: int | None = None  # steps between non-finite loss checks; None: 1 on CPU, 50 on GPU
+    steps_per_batch_reason: str = "set"  # why perf.steps_per_batch=auto chose what it chose (logged by train)
     gradient_clip: tuple[float, str] | None = None  # manual optimization: (value, algorithm), kd_lab.fused_steps
     _finite_guard: FiniteGuard | None = None
     _epoch_sums: EpochSums | None = None

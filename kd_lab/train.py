@@ -87,6 +87,8 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
         student = build_model(cfg.student.model)
         algorithm = build(cfg.algorithm)
         module = build_module(cfg, datamodule, student, algorithm, scheme, cfg.optim, teachers)
+        log.info("%d optimizer step(s) per Lightning batch (perf.steps_per_batch: %s)",
+                 datamodule.steps_per_batch, module.steps_per_batch_reason)  # fmt: skip
 
         loggers = build_loggers(cfg.get("logger"))
         if resume_from:

@@ -59,3 +59,18 @@ class BackwardCounter(L.Callback):
 
     def on_after_backward(self, trainer, module) -> None:
         self.calls += 1
+
+
+# one optimizer step per Lightning batch: for tests that read single batches from a data module, or whose
+# callbacks look at every step's output (perf.steps_per_batch=auto would hand them lists of batches)
+ONE_BATCH = "perf.steps_per_batch=1"
+
+
+class BatchPeeker(L.Callback):
+    """Looks at every training batch: ``perf.steps_per_batch=auto`` must not hand it lists."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.sizes.append(len(batch["target"]))

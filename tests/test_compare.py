@@ -128,3 +128,16 @@ def test_self_distillation_rows_gain_over_the_vanilla_student(tmp_path):
     rows, _ = summarize(sorted(tmp_path.rglob("results.json")))
     byot = next(r for r in rows if r["algorithm"] == "byot")
     assert byot["teacher"] == "-" and abs(byot["gain_best"] - 0.05) < 1e-9
+
+
+def test_speed_switches_and_data_serving_do_not_split_a_method(tmp_path):
+    """perf.* and data.serve/num_workers/... leave the math alone: runs differing only there are one row."""
+    write(tmp_path / "kd0", "kd", 0, 0.70)
+    write(tmp_path / "kd1", "kd", 1, 0.72)
+    for name, extra in (("kd0", {"perf": {"cache_teacher": True}}), ("kd1", {"data": {"serve": "tensors"}})):
+        path = tmp_path / name / "results.json"
+        results = json.loads(path.read_text())
+        results["config"].update(extra)
+        path.write_text(json.dumps(results))
+    rows, _ = summarize(sorted(tmp_path.rglob("results.json")))
+    assert len(rows) == 1 and rows[0]["seeds"] == 2 and rows[0]["setting"] == "-"

@@ -61,12 +61,12 @@ def test_serving_rule_by_device_size_and_augmentation():
 
 
 def test_a_run_trains_from_dataloader_workers(make_cfg):
-    results, objects = train(make_cfg("+data.serve=loader", "+data.num_workers=1", "trainer.max_epochs=1"))
+    results, objects = train(make_cfg("data.serve=loader", "data.num_workers=1", "trainer.max_epochs=1"))
     assert results["status"] == "finished"
     assert isinstance(objects["datamodule"].train_dataloader(), torch.utils.data.DataLoader)
 
 
 def test_device_serving_moves_the_splits_once(make_cfg):
-    results, objects = train(make_cfg("+data.serve=device", "trainer.max_epochs=2"))
+    results, objects = train(make_cfg("data.serve=device", "trainer.max_epochs=2"))
     datamodule = objects["datamodule"]
     assert results["status"] == "finished" and set(datamodule._device_splits) >= {"train", "val"}

@@ -4,10 +4,12 @@ same run as Lightning's automatic loop; Lightning's own backward/step only where
 import lightning as L
 import pytest
 import torch
+from helpers import ONE_BATCH
 
 from kd_lab.builders import build, build_datamodule, build_model, build_module
 from kd_lab.errors import KDLabError
 from kd_lab.fused_steps import direct_step_blocker
+from kd_lab.perf import AUTO_STEPS
 from kd_lab.train import train
 
 COUNTER = "+callbacks.backward_counter._target_=helpers.BackwardCounter"
@@ -22,13 +24,57 @@ def _assert_same_results(a: dict, b: dict) -> None:
 def test_fused_steps_train_exactly_like_one_step_per_batch(make_cfg):
     """Lists of 4 batches (6 batches per epoch: lists of 4 and 2), one optimizer step per batch, the cosine
     schedule counted in optimizer steps; by default without Lightning's step hooks (the direct path)."""
-    plain, plain_objects = train(make_cfg(run="plain"))
+    plain, plain_objects = train(make_cfg(ONE_BATCH, run="plain"))
     fused, objects = train(make_cfg("perf.steps_per_batch=4", run="fused"))
     module = objects["module"]
     assert not module.automatic_optimization and module._optimizer_steps.direct
     assert objects["trainer"].global_step == plain_objects["trainer"].global_step == 12  # optimizer steps
     assert objects["trainer"].optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine end
     _assert_same_results(plain, fused)
+
+
+def test_auto_fuses_by_default_and_changes_nothing(make_cfg):
+    one, one_objects = train(make_cfg(ONE_BATCH, run="one"))
+    auto, objects = train(make_cfg(run="auto"))
+    assert objects["datamodule"].steps_per_batch == AUTO_STEPS and objects["module"].steps_per_batch_reason == "auto"
+    assert objects["trainer"].global_step == one_objects["trainer"].global_step
+    _assert_same_results(one, auto)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (["+trainer.fast_dev_run=true"], "trainer.fast_dev_run=True counts batches"),
+        (["+trainer.limit_train_batches=3"], "trainer.limit_train_batches=3 counts batches"),
+        (["+trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches=2 counts batches"),
+        (["algorithm=adversarial"], "algorithm 'adversarial' steps two optimizers"),
+        (["data.serve=loader", "data.num_workers=0", "data.persistent_workers=false"], "DataLoader workers"),
+        (["+callbacks.peek._target_=helpers.BatchPeeker"], "callbacks.peek implements on_train_batch_end"),
+        (["+callbacks.last_checkpoint.every_n_train_steps=2"], "callbacks.last_checkpoint implements on_train_batch"),
+    ],
+)
+def test_auto_takes_one_step_per_batch_where_fusing_would_show(make_cfg, overrides, reason):
+    module, datamodule = _built(make_cfg(*overrides))
+    assert datamodule.steps_per_batch == 1 and reason in module.steps_per_batch_reason
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["perf.steps_per_batch=fast"], r"perf.steps_per_batch='fast' is not a number: give a count .* or auto"),
+        (["perf.steps_per_batch=4", "+trainer.accumulate_grad_batches=2"], r"accumulate_grad_batches=2 would change"),
+    ],
+)
+def test_bad_steps_per_batch_settings_are_named(make_cfg, overrides, message):
+    with pytest.raises(KDLabError, match=message):
+        _built(make_cfg(*overrides))
+
+
+def _built(cfg):
+    datamodule = build_datamodule(cfg)
+    student, teacher = build_model(cfg.student.model), build_model(cfg.teacher.model)
+    algorithm, scheme = build(cfg.algorithm), build(cfg.scheme)
+    return build_module(cfg, datamodule, student, algorithm, scheme, cfg.optim, [teacher]), datamodule
 
 
 def test_a_callback_on_the_step_hooks_gets_lightnings_path_and_every_call(make_cfg):
@@ -57,8 +103,8 @@ def test_gradient_clipping_moves_into_manual_steps_and_clips_the_same(make_cfg, 
     automatic loop does."""
     value, *algorithm = clip.split()
     overrides = [f"+trainer.gradient_clip_val={value}", *algorithm]
-    plain, plain_objects = train(make_cfg(*overrides, run="plain"))
-    _, unclipped = train(make_cfg(run="unclipped"))
+    plain, plain_objects = train(make_cfg(*overrides, ONE_BATCH, run="plain"))
+    _, unclipped = train(make_cfg(ONE_BATCH, run="unclipped"))
     fused, objects = train(make_cfg(*overrides, "perf.steps_per_batch=4", run="fused"))
     assert objects["module"].gradient_clip == (0.05, "value" if algorithm else "norm")
     assert objects["trainer"].gradient_clip_val is None

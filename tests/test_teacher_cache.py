@@ -3,6 +3,7 @@ step, the teacher is not called again once the cache is filled, and the cache is
 
 import pytest
 import torch
+from helpers import ONE_BATCH
 
 from kd_lab.builders import build, build_datamodule, build_model, build_module
 from kd_lab.errors import KDLabError
@@ -26,7 +27,7 @@ def count_calls(model: torch.nn.Module) -> list[int]:
 
 @pytest.mark.parametrize("algorithm", ["kd", "fitnet"])  # logits only, and a tapped teacher feature
 def test_cached_and_uncached_give_the_same_loss(make_cfg, algorithm):
-    module, datamodule = built(make_cfg(f"algorithm={algorithm}", "perf.cache_teacher=true"))
+    module, datamodule = built(make_cfg(f"algorithm={algorithm}", "perf.cache_teacher=true", ONE_BATCH))
     batch = next(iter(datamodule.train_dataloader()))
     module.train()
     cache, module.teacher_cache = module.teacher_cache, None
@@ -39,7 +40,7 @@ def test_cached_and_uncached_give_the_same_loss(make_cfg, algorithm):
 
 
 def test_teacher_forward_is_not_called_after_the_cache_is_filled(make_cfg):
-    module, datamodule = built(make_cfg("perf.cache_teacher=true"))
+    module, datamodule = built(make_cfg("perf.cache_teacher=true", ONE_BATCH))
     calls = count_calls(module.teacher)
     batches = list(datamodule.train_dataloader())
     module.train()
