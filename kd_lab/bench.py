@@ -50,7 +50,7 @@ from kd_lab.builders import (
     build_module,
     build_trainer,
 )
-from kd_lab.fused_steps import take_gradient_clipping
+from kd_lab.fused_steps import manual_step_overrides
 from kd_lab.loggers import build_loggers, finish_loggers, quiet_lightning_console
 
 CIFAR = [
@@ -113,8 +113,8 @@ def kdlab_times(cfg: DictConfig, teacher: torch.nn.Module, epochs: int) -> list[
     timer = EpochTimer()
     loggers = build_loggers(cfg.get("logger"))
     callbacks = [*build_callbacks(cfg.get("callbacks")), timer]
-    clipping = take_gradient_clipping(cfg.trainer, module)  # as kd-lab's train() does for manual steps
-    trainer = build_trainer(cfg.trainer, callbacks, loggers or False, max_epochs=epochs, **clipping)
+    manual = manual_step_overrides(cfg.trainer, module, datamodule.steps_per_batch)  # as train() does
+    trainer = build_trainer(cfg.trainer, callbacks, loggers or False, max_epochs=epochs, **manual)
     try:
         trainer.fit(module, datamodule)
     finally:

@@ -8,9 +8,9 @@ calls ``loss.backward()`` and the torch optimizer directly. Lightning's step cou
 ``max_steps``, checkpoint names, logging steps) still advances through the optimizer's own before/after-step
 callbacks, which the manual loop installs for every batch. Anything else takes Lightning's path, unchanged.
 
-Lightning refuses ``trainer.gradient_clip_val`` under manual optimization, so ``take_gradient_clipping`` moves
+Lightning refuses ``trainer.gradient_clip_val`` under manual optimization, so ``manual_step_overrides`` moves
 it from the trainer to the module, which clips after every backward (``clip_gradients``), as Lightning's
-automatic loop would.
+automatic loop would; and it counts ``log_every_n_steps`` in lists of batches, as Lightning does.
 """
 
 import lightning as L
@@ -42,14 +42,19 @@ def direct_step_blocker(trainer: L.Trainer, module: L.LightningModule) -> str | 
     return None
 
 
-def take_gradient_clipping(trainer_cfg, module: L.LightningModule) -> dict:
+def manual_step_overrides(trainer_cfg, module: L.LightningModule, steps_per_batch: int = 1) -> dict:
     """Trainer overrides for a module that steps its optimizers itself: its clipping settings move to
-    ``module.gradient_clip`` (``(value, algorithm)``) and the trainer gets none."""
+    ``module.gradient_clip`` (``(value, algorithm)``) and the trainer gets none; with lists of
+    ``steps_per_batch`` batches, ``log_every_n_steps`` counts lists (Lightning warns when an epoch has fewer)."""
+    overrides = {}
+    every = trainer_cfg.get("log_every_n_steps")
+    if steps_per_batch > 1 and every:
+        overrides["log_every_n_steps"] = max(1, every // steps_per_batch)
     value = trainer_cfg.get("gradient_clip_val")
     if module.automatic_optimization or not value:
-        return {}
+        return overrides
     module.gradient_clip = (float(value), trainer_cfg.get("gradient_clip_algorithm") or "norm")
-    return {"gradient_clip_val": None, "gradient_clip_algorithm": None}
+    return {**overrides, "gradient_clip_val": None, "gradient_clip_algorithm": None}
 
 
 def clip(module: L.LightningModule, optimizer) -> None:
@@ -57,6 +62,12 @@ def clip(module: L.LightningModule, optimizer) -> None:
     if getattr(module, "gradient_clip", None):
         value, algorithm = module.gradient_clip
         module.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
+
+
+def count_logger_steps(trainer: L.Trainer, batches: int) -> None:
+    """Loggers' x axis (``step`` in CSV and W&B) counts Lightning batches; a list of ``batches`` is one, so it
+    gets the other ``batches - 1`` here: fused and unfused runs of one config log at the same steps."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped += batches - 1
 
 
 class OptimizerSteps:

@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs, cross_entropy
 from kd_lab.errors import KDLabError
-from kd_lab.fused_steps import OptimizerSteps, clip
+from kd_lab.fused_steps import OptimizerSteps, clip, count_logger_steps
 from kd_lab.recorder import FeatureRecorder, probe_shapes
 from kd_lab.resume import rng_states, set_rng_states
 from kd_lab.schemes.base import Scheme
@@ -253,6 +253,7 @@ class DistillationModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor] | list[dict[str, Tensor]], batch_idx: int) -> Tensor | None:
         if isinstance(batch, list):  # perf.steps_per_batch: a chunk of batches, one optimizer step each
             loss = None
+            count_logger_steps(self.trainer, len(batch))
             for sub in batch:
                 self._fused_step(sub)
         else:

@@ -35,7 +35,7 @@ from kd_lab.chain import is_chain, resolve_chain
 from kd_lab.checkpoints import load_weights
 from kd_lab.ddp import job_scope, patch_lightning_hydra_launcher
 from kd_lab.errors import KDLabError, brief
-from kd_lab.fused_steps import take_gradient_clipping
+from kd_lab.fused_steps import manual_step_overrides
 from kd_lab.loggers import build_loggers, finish_loggers, quiet_lightning_console
 from kd_lab.module import count_parameters
 from kd_lab.results import write_results
@@ -98,7 +98,7 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
         overrides = {"default_root_dir": cfg.trainer.get("default_root_dir") or str(run_dir)}
         if algorithm.manual_optimization and cfg.trainer.get("strategy") == "ddp":
             overrides["strategy"] = "ddp_find_unused_parameters_true"  # each backward touches one player only
-        overrides.update(take_gradient_clipping(cfg.trainer, module))  # manual steps clip in the module
+        overrides.update(manual_step_overrides(cfg.trainer, module, datamodule.steps_per_batch))  # kd_lab.fused_steps
         trainer = build_trainer(cfg.trainer, build_callbacks(cfg.get("callbacks")), loggers or False, **overrides)
         for logger in loggers:
             logger.log_hyperparams(results["config"])

@@ -33,12 +33,15 @@ def test_fused_steps_train_exactly_like_one_step_per_batch(make_cfg):
     _assert_same_results(plain, fused)
 
 
-def test_auto_fuses_by_default_and_changes_nothing(make_cfg):
-    one, one_objects = train(make_cfg(ONE_BATCH, run="one"))
-    auto, objects = train(make_cfg(run="auto"))
+def test_auto_fuses_by_default_and_changes_nothing(make_cfg, tmp_path):
+    one, one_objects = train(make_cfg(ONE_BATCH, "logger=csv", run="one"))
+    auto, objects = train(make_cfg("logger=csv", run="auto"))
     assert objects["datamodule"].steps_per_batch == AUTO_STEPS and objects["module"].steps_per_batch_reason == "auto"
     assert objects["trainer"].global_step == one_objects["trainer"].global_step
+    assert objects["trainer"].log_every_n_steps == max(1, 10 // AUTO_STEPS)  # counted in lists, as Lightning does
     _assert_same_results(one, auto)
+    logged = [(tmp_path / run / "csv" / "metrics.csv").read_text() for run in ("one", "auto")]
+    assert logged[0] == logged[1] and "\n1,11," in logged[0]  # same rows, same x axis (optimizer steps)
 
 
 @pytest.mark.parametrize(
