@@ -263,7 +263,7 @@ def _run_bench(args: argparse.Namespace, device: torch.device, work: Path) -> di
     images = datamodule.num_train // datamodule.batch_size * datamodule.batch_size
     results = {name: summarize(name, t, images) for name, t in times.items()}
     ratios = {}
-    for num, den in (("b", "a"), ("d", "c"), ("d", "c_kd"), ("e", "c"), ("b", "a_dataloader")):
+    for num, den in (("b", "a"), ("d", "c"), ("d", "c_kd"), ("d", "e"), ("e", "c"), ("b", "a_dataloader")):
         if num in results and den in results:
             for part in ("epoch", "train"):
                 ratios[f"{num}/{den} {part}"] = results[num][f"median_{part}_s"] / results[den][f"median_{part}_s"]
