@@ -58,7 +58,7 @@ def manual_step_overrides(trainer_cfg, module: L.LightningModule, steps_per_batc
 
 
 def clip(module: L.LightningModule, optimizer) -> None:
-    """Clip the gradients the last backward wrote, if the run asked for it (``take_gradient_clipping``)."""
+    """Clip the gradients the last backward wrote, if the run asked for it (``manual_step_overrides``)."""
     if getattr(module, "gradient_clip", None):
         value, algorithm = module.gradient_clip
         module.clip_gradients(optimizer, gradient_clip_val=value, gradient_clip_algorithm=algorithm)
