@@ -140,3 +140,11 @@ def test_fused_steps_are_refused_where_they_cannot_work(make_cfg):
     module = build_module(cfg, datamodule, student, build(cfg.algorithm), build(cfg.scheme), cfg.optim, [teacher])
     with pytest.raises(KDLabError, match=r"FinishedOnDevice finishes each batch on the device"):
         fuse_steps(module, FinishedOnDevice(), 4)
+
+
+def test_bf16_fused_steps_take_the_direct_path_and_match(make_cfg):
+    """bf16 autocast needs no gradient scaler, so its fused steps skip Lightning's wrappers too."""
+    one, _ = train(make_cfg("trainer.precision=bf16-mixed", ONE_BATCH, run="one"))
+    fused, objects = train(make_cfg("trainer.precision=bf16-mixed", "perf.steps_per_batch=4", run="fused"))
+    assert objects["module"]._optimizer_steps.direct
+    _assert_same_results(one, fused)
