@@ -97,16 +97,16 @@ def resolve_steps_per_batch(value, module: DistillationModule, datamodule, run_c
 
 
 def auto_steps_blocker(module: DistillationModule, datamodule, run_cfg) -> str | None:
-    """Why ``auto`` takes one step per batch, or None: where fusing is refused, where data come through
-    DataLoader workers (their loading overlaps the steps; those steps are long anyway), where the run counts
-    Lightning batches (a list would count as one), and where a configured callback looks at every batch."""
-    if module.algorithm.manual_optimization:
-        return f"algorithm '{module.algorithm.name}' steps two optimizers"
-    if is_overridden("on_after_batch_transfer", datamodule, L.LightningDataModule):
-        return f"{type(datamodule).__name__} finishes batches on the device"
+    """Why ``auto`` takes one step per batch, or None: where fused steps cannot work (``fusing_refusal``), where
+    data come through DataLoader workers (their loading overlaps the steps; those steps are long anyway), where
+    the run counts Lightning batches (a list would count as one), and where a configured callback looks at every
+    batch."""
+    trainer_cfg = run_cfg.get("trainer") or {}
+    refusal = fusing_refusal(module, datamodule, trainer_cfg)
+    if refusal:
+        return refusal
     if getattr(datamodule, "may_use_loader", lambda: False)():
         return "the data may come through DataLoader workers (data.serve)"
-    trainer_cfg = run_cfg.get("trainer") or {}
     counted = [key for key, is_default in BATCH_COUNTS.items() if not is_default(trainer_cfg.get(key))]
     if counted:
         return f"trainer.{counted[0]}={trainer_cfg.get(counted[0])} counts batches"
@@ -116,6 +116,28 @@ def auto_steps_blocker(module: DistillationModule, datamodule, run_cfg) -> str |
         hooks = [h for h in BATCH_HOOKS if callback and getattr(callback, h, None) is not getattr(L.Callback, h)]
         if hooks and not _epoch_checkpoints(callback, spec):
             return f"callbacks.{name} implements {hooks[0]}"
+    return None
+
+
+def fusing_refusal(module: DistillationModule, datamodule, trainer_cfg) -> str | None:
+    """Why fused steps cannot work at all (an explicit ``perf.steps_per_batch`` > 1 is refused with it)."""
+    if module.algorithm.manual_optimization:
+        return (
+            f"algorithm '{module.algorithm.name}' steps two optimizers (an adversary with its own optimizer), "
+            "which fused steps do not drive"
+        )
+    if is_overridden("on_after_batch_transfer", datamodule, L.LightningDataModule):
+        return (
+            f"{type(datamodule).__name__} finishes each batch on the device (on_after_batch_transfer, e.g. "
+            "on-device augmentation), which a list of batches would skip; its steps are long enough that "
+            "Lightning's per-batch cost is small"
+        )
+    accumulate = trainer_cfg.get("accumulate_grad_batches") or 1
+    if accumulate != 1:
+        return (
+            f"trainer.accumulate_grad_batches={accumulate} counts batches (one optimizer step per {accumulate}); "
+            f"with a list counted as one batch, accumulate_grad_batches={accumulate} would change the steps"
+        )
     return None
 
 
@@ -132,13 +154,13 @@ def _whole_epoch(value) -> bool:  # 1.0 (a float: the whole epoch) or unset; an 
     return value is None or (isinstance(value, float) and value == 1.0)
 
 
-# trainer settings that count Lightning batches, and whether a value leaves them alone (a list counts as one)
+# trainer settings that count Lightning batches, and whether a value leaves them alone (a list counts as one);
+# accumulate_grad_batches is a refusal (fusing_refusal)
 BATCH_COUNTS = {
     "fast_dev_run": lambda v: v is None or v is False or v == 0,
     "limit_train_batches": _whole_epoch,
     "val_check_interval": _whole_epoch,
     "max_steps": lambda v: v is None or v == -1,
-    "accumulate_grad_batches": lambda v: v is None or v == 1,
 }
 
 
@@ -146,23 +168,9 @@ def fuse_steps(module: DistillationModule, datamodule, steps: int, trainer_cfg=N
     """``perf.steps_per_batch``: see the module docstring."""
     if steps < 1:
         raise KDLabError(f"perf.steps_per_batch={steps} must be >= 1 (1: one optimizer step per Lightning batch).")
-    accumulate = (trainer_cfg or {}).get("accumulate_grad_batches") or 1
-    if accumulate != 1:
-        raise KDLabError(
-            f"perf.steps_per_batch={steps} takes one optimizer step per batch, which trainer.accumulate_grad_batches="
-            f"{accumulate} would change; set perf.steps_per_batch=1 to accumulate gradients."
-        )
-    if module.algorithm.manual_optimization:
-        raise KDLabError(
-            f"perf.steps_per_batch={steps}: algorithm '{module.algorithm.name}' steps an adversary with its own "
-            "optimizer, which chunked steps do not drive; set perf.steps_per_batch=1."
-        )
-    if is_overridden("on_after_batch_transfer", datamodule, L.LightningDataModule):
-        raise KDLabError(
-            f"perf.steps_per_batch={steps}: {type(datamodule).__name__} finishes each batch on the device "
-            "(on_after_batch_transfer, e.g. on-device augmentation), which a list of batches would skip; set "
-            "perf.steps_per_batch=1 (its steps are long enough that Lightning's per-batch cost is small)."
-        )
+    refusal = fusing_refusal(module, datamodule, trainer_cfg or {})
+    if refusal:
+        raise KDLabError(f"perf.steps_per_batch={steps}: {refusal}; set perf.steps_per_batch=1.")
     module.automatic_optimization = False
     datamodule.steps_per_batch = steps
     if module.scheduler_factory is not None:
