@@ -101,13 +101,17 @@ def replace_nodes(cfg: DictConfig, **nodes: Any) -> DictConfig:
     return new
 
 
+def group_options(group: str) -> list[str]:
+    """The options of a config group (``_name.yaml`` files are shared parts of options, not options)."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("[!_]*.yaml"))
+
+
 def group_option(cfg: DictConfig, group: str, option: str, into: str, keep: tuple[str, ...] = ()) -> DictConfig:
     """``cfg`` with ``cfg[into]`` replaced by ``conf/<group>/<option>.yaml``, keeping the ``keep`` keys of the
     old node (e.g. a teacher's ``optim``); interpolations resolve against the whole config."""
     path = CONFIG_DIR / group / f"{option}.yaml"
     if not path.is_file():
-        valid = sorted(p.stem for p in (CONFIG_DIR / group).glob("[!_]*.yaml"))
-        raise KDLabError(f"unknown {group} '{option}'; valid options: {valid}.")
+        raise KDLabError(f"unknown {group} '{option}'; valid options: {group_options(group)}.")
     kept = {k: cfg[into][k] for k in keep if k in cfg[into]}
     return replace_nodes(cfg, **{into: OmegaConf.merge(kept, OmegaConf.load(path))})
 

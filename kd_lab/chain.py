@@ -14,28 +14,20 @@ keys of the stages before it, so a second run reuses them and an interrupted cha
 unfinished stage. Every stage uses the run's seed, optimizer and epochs.
 """
 
-import hashlib
-import json
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lab.builders import group_option, replace_nodes, to_dict
+from kd_lab.ddp import global_rank
 from kd_lab.errors import KDLabError
-from kd_lab.teacher_store import DATA_KEYS_IGNORED, cached_entry, global_rank, teacher_key
+from kd_lab.teacher_store import cached_entry, learning_context, short_hash, teacher_key
 from kd_lab.utils.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Stage:
-    name: str  # e.g. "assistant1-cnn1d_small", "gen0-mlp_medium"
-    cfg: DictConfig  # the stage's whole run config
 
 
 def is_chain(cfg: DictConfig) -> bool:
@@ -84,10 +76,9 @@ def stage_key(parent: str, stage: DictConfig) -> str:
         "optim": to_dict(stage.optim),
         "max_epochs": stage.trainer.max_epochs,
         "seed": stage.seed,
-        "data": {k: v for k, v in to_dict(stage.data).items() if k not in DATA_KEYS_IGNORED},
-        "trainer": {k: stage.trainer.get(k) for k in ("fast_dev_run", "limit_train_batches", "precision")},
+        **learning_context(stage),
     }
-    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return short_hash(spec)
 
 
 def resolve_chain(cfg: DictConfig, datamodule) -> tuple[DictConfig, list[dict[str, Any]]]:
@@ -111,7 +102,7 @@ def resolve_chain(cfg: DictConfig, datamodule) -> tuple[DictConfig, list[dict[st
     for name, student, algorithm in stages:
         # a stage starts fresh: the run's own ckpt_path (a checkpoint of the run) is not the stage's
         stage = replace_nodes(_inner(cfg, algorithm), student=student, teacher=teacher, logger=None, ckpt_path=None)
-        stage = replace_nodes(stage, scheme=OmegaConf.create({"_target_": "kd_lab.schemes.Offline", "name": "offline"}))
+        stage = group_option(stage, "scheme", "offline", "scheme")
         key = stage_key(parent, stage)
         entry = store / f"{cfg.algorithm.name}-{name}-{key}"
 

@@ -68,3 +68,11 @@ class job_scope:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def global_rank() -> int:
+    """This process's global rank: set by torchrun or SLURM from the start, by Lightning for its children."""
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0

@@ -13,7 +13,6 @@ with the metrics of an uninterrupted run (``DistillationModule.on_save_checkpoin
 """
 
 import csv
-import os
 import random
 import secrets
 from pathlib import Path
@@ -25,6 +24,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kd_lab.ddp import global_rank
 from kd_lab.errors import KDLabError
 from kd_lab.utils.io import _atomic_write
 
@@ -32,14 +32,6 @@ RESUME_FILE = "resume.yaml"
 FRESH_RUN = "start a fresh run (kd-lab <the original overrides>) instead"
 
 # ``kd_if_resume`` (conf/hydra/default.yaml) is registered in kd_lab/__init__.py, imported before this.
-
-
-def _rank() -> int:
-    """This process's global rank: set by torchrun or SLURM from the start, by Lightning for its children."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
 
 
 def _wandb_node(cfg: DictConfig) -> DictConfig | None:
@@ -73,7 +65,7 @@ def record_start(cfg: DictConfig) -> DictConfig:
         previous = _wandb_node(_read_config(recorded)) if recorded.is_file() else None
         with open_dict(wandb):
             wandb.id = (previous or {}).get("id") or secrets.token_hex(4)  # W&B style: 8 of [0-9a-z]
-    if _rank() == 0:
+    if global_rank() == 0:
         snapshot = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # key order kept
         paths = OmegaConf.to_container(cfg.paths, resolve=True)
         snapshot.paths = {k: v if k == "output_dir" else str(Path(v).absolute()) for k, v in paths.items()}
@@ -149,7 +141,7 @@ def continue_csv_logs(loggers: list[Logger], checkpoint: str) -> None:
     when its writer starts, so its rows up to the checkpoint's epoch are read first and written back (the
     rows after it are logged again by the resumed epochs)."""
     csv_loggers = [logger for logger in loggers if isinstance(logger, CSVLogger)]
-    epoch = torch.load(checkpoint, map_location="cpu", weights_only=False)["epoch"] if csv_loggers else 0
+    epoch = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)["epoch"] if csv_loggers else 0
     for logger in csv_loggers:
         path = Path(logger.log_dir) / "metrics.csv"
         header, rows = [], []

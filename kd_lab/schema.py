@@ -16,7 +16,8 @@ from typing import Any
 from hydra._internal.utils import _locate  # what instantiate() uses; get_object() also logs
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lab.builders import CONFIG_DIR, META_KEYS, to_dict
+from kd_lab.builders import CONFIG_DIR, META_KEYS, group_options, to_dict
+from kd_lab.data.base import TensorDataModule
 from kd_lab.errors import KDLabError
 from kd_lab.schemas.dry_build import dry_build
 from kd_lab.schemas.groups import GROUP_SCHEMAS
@@ -24,7 +25,7 @@ from kd_lab.schemas.ranges import out_of_range
 from kd_lab.schemas.signatures import EMPTY, Signature, fits, signature_of, type_name
 from kd_lab.schemes import check_compatible
 
-# nodes that kd_lab.builders.build() instantiates: it drops META_KEYS (name, extra_teachers) first
+# nodes that kd_lab.builders.build() instantiates: it drops META_KEYS (name, extra_teachers, ...) first
 BUILT_WITHOUT_META = {"data", "algorithm", "scheme", "student.model", "teacher.model"}
 BUILT_WITHOUT_META |= {f"{o}.{part}" for o in ("optim", "teacher.optim") for part in ("optimizer", "scheduler")}
 MAX_LISTED = 12
@@ -32,10 +33,11 @@ MAX_LISTED = 12
 CKPT_KEYWORDS = ("last", "best", "hpc")
 
 
-def validate_config(cfg: DictConfig) -> None:
+def validate_config(cfg: DictConfig) -> TensorDataModule | None:
+    """Raise for the first mistake in ``cfg``; return the data module the dry build loaded, if it built one."""
     check_schema(cfg)
     check_compatible(cfg.algorithm.name, cfg.scheme.name)  # the pairing rule first: it explains a build error
-    dry_build(cfg)
+    return dry_build(cfg)
 
 
 def check_schema(cfg: DictConfig) -> None:
@@ -154,7 +156,7 @@ def _check_files(tree: dict[str, Any]) -> None:
 
 def _check_extra_teachers(tree: dict[str, Any]) -> None:
     names = (tree.get("algorithm") or {}).get("extra_teachers") or []
-    valid = sorted(p.stem for p in (CONFIG_DIR / "teacher").glob("*.yaml"))
+    valid = group_options("teacher")
     for name in names:
         if name not in valid:
             near = difflib.get_close_matches(str(name), valid, n=1)

@@ -29,6 +29,7 @@ from kd_lab.builders import build_model, build_module, build_trainer, to_dict
 from kd_lab.callbacks import EpochSummary
 from kd_lab.checkpoints import load_weights
 from kd_lab.data.base import TensorDataModule
+from kd_lab.ddp import global_rank
 from kd_lab.fused_steps import manual_step_overrides
 from kd_lab.module import check_logits, count_parameters
 from kd_lab.schemes.offline import Offline
@@ -49,27 +50,30 @@ DATA_KEYS_IGNORED = (
 )
 
 
+def learning_context(cfg: DictConfig) -> dict[str, Any]:
+    """The data and trainer settings that change what a model learns: part of every store key (teachers and
+    chain stages). A fast_dev_run teacher is not a teacher."""
+    return {
+        "data": {k: v for k, v in to_dict(cfg.data).items() if k not in DATA_KEYS_IGNORED},
+        "trainer": {k: cfg.trainer.get(k) for k in ("fast_dev_run", "limit_train_batches", "precision")},
+    }
+
+
+def short_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def teacher_key(cfg: DictConfig) -> str:
     t = cfg.teacher
-    data = {k: v for k, v in to_dict(cfg.data).items() if k not in DATA_KEYS_IGNORED}
     spec = {
         "version": KEY_VERSION,
         "model": to_dict(t.model),
         "optim": to_dict(t.optim),
         "max_epochs": t.max_epochs,
         "seed": t.seed,
-        "data": data,
-        # trainer settings that change what the teacher learns (a fast_dev_run teacher is not a teacher)
-        "trainer": {k: cfg.trainer.get(k) for k in ("fast_dev_run", "limit_train_batches", "precision")},
+        **learning_context(cfg),
     }
-    return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def global_rank() -> int:
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
+    return short_hash(spec)
 
 
 def resolve_teacher(cfg: DictConfig, datamodule: TensorDataModule) -> tuple[nn.Module, dict[str, Any]]:

@@ -41,7 +41,6 @@ from kd_lab.module import count_parameters
 from kd_lab.results import write_results
 from kd_lab.resume import continue_csv_logs, start_or_resume
 from kd_lab.schema import validate_config
-from kd_lab.schemes import check_compatible
 from kd_lab.teacher_store import resolve_teacher
 
 log = logging.getLogger(__name__)
@@ -68,8 +67,8 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
     loggers: list = []
     trainer = None
     try:  # from here on a failure is recorded in results.json (status failed), so a sweep lists it
-        validate_config(cfg)  # every bad key, value, file or pairing: one clear error before anything is built
-        check_compatible(cfg.algorithm.name, cfg.scheme.name)
+        # every bad key, value, file or pairing: one clear error before anything is built
+        validated_data = validate_config(cfg)
         scheme = build(cfg.scheme)
         if scheme.teacher_source == "none":  # the network (or its earlier generation) teaches itself
             results["names"].pop("teacher", None)
@@ -77,7 +76,7 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
                 cfg = replace_nodes(cfg, teacher=None)  # no teacher config applies
         results["config"] = to_dict(cfg)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        datamodule = build_datamodule(cfg)
+        datamodule = validated_data if validated_data is not None else build_datamodule(cfg)  # loaded once
         if is_chain(cfg):  # teacher-assistant / born-again: earlier stages first; the last one teaches this run
             cfg, results["chain"] = resolve_chain(cfg, datamodule)
         teachers, results["teacher"] = build_teachers(cfg, scheme, datamodule)

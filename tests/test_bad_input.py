@@ -2,7 +2,6 @@
 fix, and leaves everything already on disk as it was (docs/errors.md lists the same cases and messages)."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from kd_lab.builders import build_model
+from kd_lab.builders import build_model, group_options
 from kd_lab.checkpoints import read_state_dict
 from kd_lab.data.fake import FakeDataModule
 from kd_lab.data.mnist1d import MNIST1dDataModule
@@ -151,8 +150,7 @@ def test_every_shipped_option_passes_the_schema(tmp_path):
     """No false alarms: every option of every group is valid. The i-th option of each group goes into the
     i-th composed config (the schema does not build, so odd pairings are fine): ~16 composes, not ~60.
     Experiments set keys of the groups they pick, so each is composed on its own."""
-    # "_name.yaml" files are shared parts of a group's options (conf/data/_serving.yaml), not options
-    options = {g: sorted(p.stem for p in (Path(CONFIG_DIR) / g).glob("[!_]*.yaml")) for g in GROUPS}
+    options = {g: group_options(g) for g in GROUPS}  # "_name.yaml" files (conf/data/_serving.yaml) are parts
     experiments = [[f"experiment={name}"] for name in options.pop("experiment")]
     zipped = [
         [f"{g}={names[i]}" for g, names in options.items() if i < len(names)]

@@ -3,20 +3,23 @@
 A tap path that does not exist, feature shapes that no connector can bridge, or logits that disagree with
 the data's class count raise when the module is built. In a run whose teacher comes from the store, that
 happens only after the teacher has been loaded or trained (minutes to hours); building the same module
-with freshly initialized teachers costs milliseconds and raises the same error first.
+with freshly initialized teachers raises the same error first. The data module it loads (and checks) is
+returned for the run to use, so the data are read once.
 """
 
 from omegaconf import DictConfig
 
 from kd_lab.builders import build, build_datamodule, build_model, build_module, group_option
+from kd_lab.data.base import TensorDataModule
 
 
-def dry_build(cfg: DictConfig) -> None:
+def dry_build(cfg: DictConfig) -> TensorDataModule | None:
+    """The loaded data module of ``cfg`` (None where nothing was built)."""
     if "_target_" not in cfg.algorithm or not cfg.get("teacher"):
-        return  # a chain of stages (each stage is a run that validates itself), or no teacher to wait for
+        return None  # a chain of stages (each stage is a run that validates itself), or no teacher to wait for
     scheme = build(cfg.scheme)
-    if getattr(scheme, "teacher_source", "store") != "store":
-        return  # teachers built inside the run: the run builds its module before any training anyway
+    if scheme.teacher_source != "store":
+        return None  # teachers built inside the run: the run builds its module before any training anyway
     datamodule = build_datamodule(cfg)  # loads and checks the data (NaN/Inf, labels, shapes)
     teachers = [build_model(cfg.teacher.model)]
     for name in cfg.algorithm.get("extra_teachers") or []:
@@ -24,3 +27,4 @@ def dry_build(cfg: DictConfig) -> None:
         teachers.append(build_model(extra.teacher.model))
     student = build_model(cfg.student.model)
     build_module(cfg, datamodule, student, build(cfg.algorithm), scheme, cfg.optim, teachers)
+    return datamodule

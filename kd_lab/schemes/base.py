@@ -1,6 +1,8 @@
 """A scheme says who learns and where the teacher comes from. The module never branches on a scheme's name:
 it reads what the scheme exposes."""
 
+from typing import Literal
+
 from torch import Tensor, nn
 
 from kd_lab.algorithms.base import StepOutputs
@@ -9,13 +11,13 @@ from kd_lab.algorithms.base import StepOutputs
 #   "store":  the teacher config, loaded from teacher.ckpt_path or trained once and cached (offline);
 #   "fresh":  the teacher config, newly initialized and trained in the run, with the student (online);
 #   "none":   no external teacher: the network (or an earlier generation of it) teaches itself (self).
-TEACHER_SOURCES = ("store", "fresh", "none")
+TeacherSource = Literal["store", "fresh", "none"]
 
 
 class Scheme:
     name: str = "base"
     trains_teacher: bool = False  # True: teachers are submodules, optimized and checkpointed with the student
-    teacher_source: str = "store"
+    teacher_source: TeacherSource = "store"
 
     def prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         return teacher
