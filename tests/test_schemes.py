@@ -163,6 +163,31 @@ def test_codistillation_stale_copies_refresh_every_k_steps():
     assert not algo.stale[0].weight.requires_grad and int(algo.steps) == 5
 
 
+def test_codistillation_stale_phase_follows_a_loaded_step_count():
+    """The refresh phase counts on the host; loading a checkpoint's step count (a resume) resets it."""
+    student, peer = torch.nn.Linear(3, 4), torch.nn.Linear(3, 4)
+    algo = Codistillation(peers=2, stale_every=2)
+    algo.bind(student, None)
+    algo.bind_teachers([peer])
+    algo.build({}, {}, BuildContext(4, 0))
+    x, y = torch.randn(6, 3), torch.randint(0, 4, (6,))
+
+    def step() -> None:
+        algo(StepOutputs(logits=student(x), batch={"input": x, "target": y}, live_teacher_logits=[peer(x)]))
+
+    step()  # step 0: refreshed; the host count is now 1
+    algo.load_state_dict({**algo.state_dict(), "steps": torch.tensor(4)})  # as a resume at step 4 would
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    step()  # step 4: refreshed (a stale count of 1 would not refresh)
+    refreshed = student.weight.detach().clone()
+    torch.testing.assert_close(algo.stale[0].weight, refreshed, rtol=0, atol=0)
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    step()  # step 5: not refreshed
+    torch.testing.assert_close(algo.stale[0].weight, refreshed, rtol=0, atol=0)
+
+
 # -- self-distillation: multi-exit (BYOT) ------------------------------------------------------------------
 def _byot(student: torch.nn.Module, x: torch.Tensor, **kwargs) -> BYOT:
     algo = BYOT(**kwargs)

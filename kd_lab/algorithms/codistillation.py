@@ -44,6 +44,9 @@ class Codistillation(Algorithm):
             raise KDLabError("algorithm.temperature must be > 0 and algorithm.stale_every >= 0 (0: live peers).")
         self.peers, self.kl_weight, self.temperature, self.stale_every = peers, kl_weight, temperature, stale_every
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # checkpointed: refreshes resume in phase
+        # the same count on the host, read from the buffer once (and again after a load): no device sync per step
+        self._host_steps: int | None = None
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_host_steps", None))
 
     def teacher_name(self, index: int) -> str:
         return f"peer{index + 1}"
@@ -67,7 +70,9 @@ class Codistillation(Algorithm):
 
     @torch.no_grad()
     def _stale_logits(self, out: StepOutputs) -> list[Tensor]:
-        if int(self.steps) % self.stale_every == 0:
+        if self._host_steps is None:
+            self._host_steps = int(self.steps)
+        if self._host_steps % self.stale_every == 0:
             for copy_, live in zip(self.stale, [self._student[0], *self._cohort], strict=True):
                 copy_.load_state_dict(live.state_dict())
         outs = []
@@ -83,9 +88,11 @@ class Codistillation(Algorithm):
         targets = self._stale_logits(out) if self.stale_every else [z.detach() for z in live]
         if self.training:
             self.steps += 1
+            if self._host_steps is not None:
+                self._host_steps += 1
         terms: dict[str, Tensor] = {}
         for k, z in enumerate(live):
-            name = "" if k == 0 else f"peer{k}_"
+            name = "" if k == 0 else f"{self.teacher_name(k - 1)}_"
             terms[f"{name}ce"] = self.ce_weight * cross_entropy(z, out.batch)
             others = [kd_loss(z, targets[j], self.temperature) for j in range(len(live)) if j != k]
             terms[f"{name}kl"] = self.kl_weight * torch.stack(others).mean()

@@ -31,6 +31,14 @@ class ImageAugment:
         self.flip = flip
         self.fill = fill
 
+    def _fill_on(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The padding value as a (C or 1, 1, 1) tensor, made once per device and dtype (no copy per batch)."""
+        cache = self.__dict__.setdefault("_fills", {})
+        if (device, dtype) not in cache:
+            value = 0.0 if self.fill is None else self.fill
+            cache[(device, dtype)] = torch.as_tensor(value, dtype=dtype, device=device).reshape(-1, 1, 1)
+        return cache[(device, dtype)]
+
     def draw(self, n: int, g: torch.Generator) -> dict[str, Tensor]:
         """Crop offsets in [0, 2 * padding] (row, column) and flip flags for ``n`` images."""
         return {
@@ -41,10 +49,10 @@ class ImageAugment:
     def apply(self, x: Tensor, draws: dict[str, Tensor]) -> Tensor:
         n, c, h, w = x.shape
         p, device = self.padding, x.device
-        fill = torch.as_tensor(0.0 if self.fill is None else self.fill, dtype=x.dtype, device=device).reshape(-1, 1, 1)
+        fill = self._fill_on(device, x.dtype)
         padded = fill.expand(c, h + 2 * p, w + 2 * p).repeat(n, 1, 1, 1)
         padded[:, :, p : p + h, p : p + w] = x
-        crop, flip = draws[CROP_KEY].to(device), draws[FLIP_KEY].to(device)
+        crop, flip = draws[CROP_KEY].to(device, non_blocking=True), draws[FLIP_KEY].to(device, non_blocking=True)
         cols = torch.arange(w, device=device)
         cols = torch.where(flip[:, None], w - 1 - cols, cols) + crop[:, 1:]  # (n, w): read column, mirrored or not
         rows = torch.arange(h, device=device) + crop[:, :1]  # (n, h)
