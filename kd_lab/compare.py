@@ -124,7 +124,8 @@ def other_models(runs: list[dict[str, Any]]) -> str:
                 accs[key.split("/")[0]].append(value)
         for stage in r.get("chain", []):
             accs[f"stage {stage['stage']}"].append(stage["metrics"]["test/acc"])
-    return ", ".join(f"{name} {mean_std(v)[0]:.4f}±{mean_std(v)[1]:.4f}" for name, v in accs.items()) or "-"
+    stats = {name: mean_std(v) for name, v in accs.items()}
+    return ", ".join(f"{name} {mean:.4f}±{std:.4f}" for name, (mean, std) in stats.items()) or "-"
 
 
 def fmt(value: Any, spec: str = ".4f") -> str:

@@ -18,7 +18,7 @@ def method_label(row: dict[str, Any]) -> str:
 
 
 def student_label(row: dict[str, Any], several_pairs: bool) -> str:
-    return f"{row['student']}\n← {row['teacher']} ({row['data']})" if several_pairs else row["student"]
+    return f"{row['student']} ← {row['teacher']} ({row['data']})" if several_pairs else row["student"]
 
 
 def accuracy_by_method(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -44,7 +44,7 @@ def accuracy_by_method(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.set_yticks(ys, [method_label(r) for r in panel], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlim(low, high)
-        ax.set_title(student.replace("\n", " "), fontsize=8)
+        ax.set_title(student, fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
     fig.supxlabel(PROTOCOL.replace("\n", " "), fontsize=8)
     fig.savefig(path, dpi=120)

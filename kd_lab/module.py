@@ -115,7 +115,6 @@ class DistillationModule(L.LightningModule):
                 num_train,
                 train_targets,
                 all_teacher_shapes=teacher_shapes,
-                paired_inputs=teacher_input_key != input_key,
                 input_key=input_key,
                 teacher_input_key=teacher_input_key,
             ),

@@ -11,6 +11,8 @@ from kd_lab.algorithms.multi_teacher import aggregate
 from kd_lab.errors import KDLabError
 from kd_lab.train import train
 
+PAIRED = BuildContext(3, 10, teacher_input_key="teacher_input")  # cross-modal: two inputs
+
 
 def test_aggregate_golden():
     # two teachers, one sample, two classes, T = 1: p1 = [3/4, 1/4], p2 = [1/2, 1/2]
@@ -84,7 +86,7 @@ def test_adversarial_gradients_reach_the_right_player():
 def test_cross_modal_hint_golden_and_gradients():
     algo = CrossModal(ce_weight=0.0, kd_weight=0.0, hint_weight=2.0, student_tap="a", teacher_tap="b")
     algo.paths = ("a", "b")
-    algo.build({"a": torch.Size([2, 3])}, {"b": torch.Size([2, 3])}, BuildContext(3, 10, paired_inputs=True))
+    algo.build({"a": torch.Size([2, 3])}, {"b": torch.Size([2, 3])}, PAIRED)
     e_s = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], requires_grad=True)
     e_t = torch.tensor([[1.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
     out = StepOutputs(
@@ -95,7 +97,7 @@ def test_cross_modal_hint_golden_and_gradients():
     assert hint.item() == pytest.approx(2.0 * (4 + 3) / 6)  # identity connector: MSE over 6 entries
     hint.backward()
     assert e_s.grad.abs().sum() > 0
-    algo.build({"a": torch.Size([2, 5])}, {"b": torch.Size([2, 3])}, BuildContext(3, 10, paired_inputs=True))
+    algo.build({"a": torch.Size([2, 5])}, {"b": torch.Size([2, 3])}, PAIRED)
     assert isinstance(algo.connector, torch.nn.Linear) and algo.connector.weight.shape == (3, 5)
 
 

@@ -43,9 +43,13 @@ class BuildContext:
     num_train: int  # training-set size: memory banks (CRD) are indexed by the global sample index
     train_targets: torch.Tensor | None = None  # label of each training index (class-aware negative sampling)
     all_teacher_shapes: list[dict[str, torch.Size]] = field(default_factory=list)  # one dict per teacher
-    paired_inputs: bool = False  # teacher and student read different inputs (cross-modal data)
     input_key: str = "input"  # the batch key the student reads
     teacher_input_key: str = "input"  # the batch key the teachers read
+
+    @property
+    def paired_inputs(self) -> bool:
+        """Teacher and student read different inputs (cross-modal data)."""
+        return self.teacher_input_key != self.input_key
 
 
 def cross_entropy(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:

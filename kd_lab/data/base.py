@@ -114,12 +114,12 @@ class TensorDataModule(L.LightningDataModule):
         self.setup()
         return self.splits["train"]["target"]
 
-    def _size_mb(self) -> float:
-        return sum(t.numel() * t.element_size() for s in self.splits.values() for t in s.values()) / 2**20
-
     def may_use_loader(self) -> bool:
         """Whether training batches may come through DataLoader workers (``serving_mode`` on some device)."""
-        return self.serve == "loader" or (self.serve == "auto" and self._size_mb() > self.device_max_mb)
+        if self.serve != "auto":
+            return self.serve == "loader"
+        size_mb = sum(t.numel() * t.element_size() for s in self.splits.values() for t in s.values()) / 2**20
+        return size_mb > self.device_max_mb
 
     def serving_mode(self, device: torch.device) -> str:
         """``tensors``, ``device`` or ``loader`` (see ``__init__``'s ``serve``)."""
@@ -127,7 +127,7 @@ class TensorDataModule(L.LightningDataModule):
             return self.serve
         if device.type == "cpu":
             return "tensors"
-        if self._size_mb() > self.device_max_mb:
+        if self.may_use_loader():
             return "loader"
         return "device" if self.augment is None or isinstance(self.augment, DEVICE_SAFE) else "tensors"
 

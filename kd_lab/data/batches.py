@@ -65,13 +65,17 @@ class TensorBatches:
         order = order[self.rank :: self.world_size][: self._shard_size()]
         return order.to(next(iter(self.tensors.values())).device)  # once per epoch, not once per batch
 
+    def epoch_seed(self, epoch: int) -> int:
+        """The seed of ``epoch``'s order and augmentation (worker batches derive theirs from it)."""
+        return self.seed * 100_003 + epoch
+
     def _gather(self, order: Tensor, i: int) -> Batch:
         index = order[i * self.batch_size : (i + 1) * self.batch_size]
         return {key: t[index] for key, t in self.tensors.items()}
 
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch_fn()
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        generator = torch.Generator().manual_seed(self.epoch_seed(epoch))
         order = self._order(epoch, generator)
         for i in range(len(self)):
             batch = self._gather(order, i)
@@ -107,12 +111,12 @@ class _BatchesDataset(Dataset):
         epoch, i = key
         b = self.batches
         if epoch != self._epoch:  # the permutation is drawn from the same generator seed as TensorBatches'
-            self._order = b._order(epoch, torch.Generator().manual_seed(b.seed * 100_003 + epoch))
+            self._order = b._order(epoch, torch.Generator().manual_seed(b.epoch_seed(epoch)))
             self._epoch = epoch
         batch = b._gather(self._order, i)
         if b.transform is None:
             return batch
-        generator = torch.Generator().manual_seed((b.seed * 100_003 + epoch) * 1_000_003 + i)
+        generator = torch.Generator().manual_seed(b.epoch_seed(epoch) * 1_000_003 + i)
         return b.transform(batch, generator)
 
 
