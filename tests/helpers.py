@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from torch import Tensor
 
@@ -74,3 +75,21 @@ class BatchPeeker(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.sizes.append(len(batch["target"]))
+
+
+def build_run_module(cfg):
+    """``(module, datamodule)`` as ``train`` builds them, with an untrained teacher (seeded: repeatable)."""
+    from kd_lab.builders import build, build_datamodule, build_model, build_module
+
+    datamodule = build_datamodule(cfg)
+    torch.manual_seed(0)
+    teacher, student = build_model(cfg.teacher.model), build_model(cfg.student.model)
+    module = build_module(cfg, datamodule, student, build(cfg.algorithm), build(cfg.scheme), cfg.optim, [teacher])
+    return module, datamodule
+
+
+def assert_same_results(reference: dict, other: dict, abs_tol: float = 1e-6, protocols=("best", "last")) -> None:
+    """Every metric of ``reference``'s protocols (results.json's ``best`` / ``last``) equal in ``other``."""
+    for protocol in protocols:
+        for key, value in reference[protocol].items():
+            assert other[protocol][key] == pytest.approx(value, abs=abs_tol), (protocol, key)

@@ -4,21 +4,14 @@ same run as Lightning's automatic loop; Lightning's own backward/step only where
 import lightning as L
 import pytest
 import torch
-from helpers import ONE_BATCH
+from helpers import ONE_BATCH, assert_same_results, build_run_module
 
-from kd_lab.builders import build, build_datamodule, build_model, build_module
 from kd_lab.errors import KDLabError
 from kd_lab.fused_steps import direct_step_blocker
 from kd_lab.perf import AUTO_STEPS
 from kd_lab.train import train
 
 COUNTER = "+callbacks.backward_counter._target_=helpers.BackwardCounter"
-
-
-def _assert_same_results(a: dict, b: dict) -> None:
-    for protocol in ("best", "last"):
-        for key, value in a[protocol].items():
-            assert b[protocol][key] == pytest.approx(value, abs=1e-6), (protocol, key)
 
 
 def test_fused_steps_train_exactly_like_one_step_per_batch(make_cfg):
@@ -30,7 +23,7 @@ def test_fused_steps_train_exactly_like_one_step_per_batch(make_cfg):
     assert not module.automatic_optimization and module._optimizer_steps.direct
     assert objects["trainer"].global_step == plain_objects["trainer"].global_step == 12  # optimizer steps
     assert objects["trainer"].optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine end
-    _assert_same_results(plain, fused)
+    assert_same_results(plain, fused)
 
 
 def test_auto_fuses_by_default_and_changes_nothing(make_cfg, tmp_path):
@@ -39,7 +32,7 @@ def test_auto_fuses_by_default_and_changes_nothing(make_cfg, tmp_path):
     assert objects["datamodule"].steps_per_batch == AUTO_STEPS and objects["module"].steps_per_batch_reason == "auto"
     assert objects["trainer"].global_step == one_objects["trainer"].global_step
     assert objects["trainer"].log_every_n_steps == max(1, 10 // AUTO_STEPS)  # counted in lists, as Lightning does
-    _assert_same_results(one, auto)
+    assert_same_results(one, auto)
     logged = [(tmp_path / run / "csv" / "metrics.csv").read_text() for run in ("one", "auto")]
     assert logged[0] == logged[1] and "\n1,11," in logged[0]  # same rows, same x axis (optimizer steps)
 
@@ -57,7 +50,7 @@ def test_auto_fuses_by_default_and_changes_nothing(make_cfg, tmp_path):
     ],
 )
 def test_auto_takes_one_step_per_batch_where_fusing_would_show(make_cfg, overrides, reason):
-    module, datamodule = _built(make_cfg(*overrides))
+    module, datamodule = build_run_module(make_cfg(*overrides))
     assert datamodule.steps_per_batch == 1 and reason in module.steps_per_batch_reason
 
 
@@ -70,14 +63,7 @@ def test_auto_takes_one_step_per_batch_where_fusing_would_show(make_cfg, overrid
 )
 def test_bad_steps_per_batch_settings_are_named(make_cfg, overrides, message):
     with pytest.raises(KDLabError, match=message):
-        _built(make_cfg(*overrides))
-
-
-def _built(cfg):
-    datamodule = build_datamodule(cfg)
-    student, teacher = build_model(cfg.student.model), build_model(cfg.teacher.model)
-    algorithm, scheme = build(cfg.algorithm), build(cfg.scheme)
-    return build_module(cfg, datamodule, student, algorithm, scheme, cfg.optim, [teacher]), datamodule
+        build_run_module(make_cfg(*overrides))
 
 
 def test_a_callback_on_the_step_hooks_gets_lightnings_path_and_every_call(make_cfg):
@@ -87,7 +73,7 @@ def test_a_callback_on_the_step_hooks_gets_lightnings_path_and_every_call(make_c
     assert not steps.direct and "BackwardCounter implements on_after_backward" in steps.blocker
     counter = next(c for c in objects["trainer"].callbacks if type(c).__name__ == "BackwardCounter")
     assert counter.calls == objects["trainer"].global_step == 12
-    _assert_same_results(direct, hooked)
+    assert_same_results(direct, hooked)
 
 
 def test_direct_steps_are_blocked_by_profilers_scalers_and_strategies(make_cfg):
@@ -111,7 +97,7 @@ def test_gradient_clipping_moves_into_manual_steps_and_clips_the_same(make_cfg, 
     fused, objects = train(make_cfg(*overrides, "perf.steps_per_batch=4", run="fused"))
     assert objects["module"].gradient_clip == (0.05, "value" if algorithm else "norm")
     assert objects["trainer"].gradient_clip_val is None
-    _assert_same_results(plain, fused)
+    assert_same_results(plain, fused)
     students = [o["module"].student for o in (plain_objects, objects, unclipped)]
     clipped, fused_clipped, not_clipped = ([p.detach() for p in s.parameters()] for s in students)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(clipped, fused_clipped, strict=True))
@@ -134,10 +120,7 @@ def test_fused_steps_are_refused_where_they_cannot_work(make_cfg):
         def on_after_batch_transfer(self, batch, dataloader_idx):
             return batch
 
-    cfg = make_cfg()
-    datamodule = build_datamodule(cfg)
-    student, teacher = build_model(cfg.student.model), build_model(cfg.teacher.model)
-    module = build_module(cfg, datamodule, student, build(cfg.algorithm), build(cfg.scheme), cfg.optim, [teacher])
+    module, _ = build_run_module(make_cfg())
     with pytest.raises(KDLabError, match=r"FinishedOnDevice finishes each batch on the device"):
         fuse_steps(module, FinishedOnDevice(), 4)
 
@@ -147,4 +130,4 @@ def test_bf16_fused_steps_take_the_direct_path_and_match(make_cfg):
     one, _ = train(make_cfg("trainer.precision=bf16-mixed", ONE_BATCH, run="one"))
     fused, objects = train(make_cfg("trainer.precision=bf16-mixed", "perf.steps_per_batch=4", run="fused"))
     assert objects["module"]._optimizer_steps.direct
-    _assert_same_results(one, fused)
+    assert_same_results(one, fused)

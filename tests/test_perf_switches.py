@@ -5,9 +5,8 @@ import json
 
 import pytest
 import torch
-from helpers import ONE_BATCH
+from helpers import ONE_BATCH, build_run_module
 
-from kd_lab.builders import build, build_datamodule, build_model, build_module
 from kd_lab.errors import KDLabError
 from kd_lab.train import train
 
@@ -34,9 +33,7 @@ def test_channels_last_formats_models_and_image_batches(make_cfg):
 @pytest.mark.parametrize("algorithm", ["kd", "fitnet"])
 def test_teacher_inference_mode_gives_the_no_grad_loss_and_trains(make_cfg, algorithm):
     cfg = make_cfg(f"algorithm={algorithm}", "perf.teacher_inference_mode=true", ONE_BATCH)
-    datamodule = build_datamodule(cfg)
-    teacher, student = build_model(cfg.teacher.model), build_model(cfg.student.model)
-    module = build_module(cfg, datamodule, student, build(cfg.algorithm), build(cfg.scheme), cfg.optim, [teacher])
+    module, datamodule = build_run_module(cfg)
     batch = next(iter(datamodule.train_dataloader()))
     inference = module._terms(module._step_outputs(batch, with_teacher=True))
     sum(inference.values()).backward()  # inference tensors saved for backward would raise here

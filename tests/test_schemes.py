@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_lab.algorithms import BYOT, BuildContext, Codistillation, StepOutputs, kd_loss
+from kd_lab.algorithms import BYOT, BuildContext, Codistillation, StepOutputs
 from kd_lab.errors import KDLabError
 from kd_lab.exits import export_exit
 from kd_lab.models import CNN1d
@@ -117,8 +117,9 @@ def test_codistillation_loss_golden_and_gradients():
     # each peer learns only from its own terms: the targets are detached
     grads = torch.autograd.grad(terms["peer1_kl"], z, allow_unused=True)
     assert grads[0] is None and grads[2] is None and grads[1].abs().sum() > 0
+    zd = [t.detach().double() for t in z]  # the cohort's own term, not just kd_loss (test_losses checks that)
     assert torch.autograd.gradcheck(
-        lambda a: kd_loss(a, z[0].detach().double(), 2.0), (z[1].detach().double().requires_grad_(),)
+        lambda a: algo(_cohort_outputs([zd[0], a, zd[2]], y))["peer1_kl"], (zd[1].clone().requires_grad_(),)
     )
 
 

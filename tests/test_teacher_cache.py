@@ -3,20 +3,10 @@ step, the teacher is not called again once the cache is filled, and the cache is
 
 import pytest
 import torch
-from helpers import ONE_BATCH
+from helpers import ONE_BATCH, assert_same_results, build_run_module
 
-from kd_lab.builders import build, build_datamodule, build_model, build_module
 from kd_lab.errors import KDLabError
 from kd_lab.train import train
-
-
-def built(cfg):
-    datamodule = build_datamodule(cfg)
-    torch.manual_seed(0)
-    teacher = build_model(cfg.teacher.model)
-    student = build_model(cfg.student.model)
-    module = build_module(cfg, datamodule, student, build(cfg.algorithm), build(cfg.scheme), cfg.optim, [teacher])
-    return module, datamodule
 
 
 def count_calls(model: torch.nn.Module) -> list[int]:
@@ -27,7 +17,7 @@ def count_calls(model: torch.nn.Module) -> list[int]:
 
 @pytest.mark.parametrize("algorithm", ["kd", "fitnet"])  # logits only, and a tapped teacher feature
 def test_cached_and_uncached_give_the_same_loss(make_cfg, algorithm):
-    module, datamodule = built(make_cfg(f"algorithm={algorithm}", "perf.cache_teacher=true", ONE_BATCH))
+    module, datamodule = build_run_module(make_cfg(f"algorithm={algorithm}", "perf.cache_teacher=true", ONE_BATCH))
     batch = next(iter(datamodule.train_dataloader()))
     module.train()
     cache, module.teacher_cache = module.teacher_cache, None
@@ -40,7 +30,7 @@ def test_cached_and_uncached_give_the_same_loss(make_cfg, algorithm):
 
 
 def test_teacher_forward_is_not_called_after_the_cache_is_filled(make_cfg):
-    module, datamodule = built(make_cfg("perf.cache_teacher=true", ONE_BATCH))
+    module, datamodule = build_run_module(make_cfg("perf.cache_teacher=true", ONE_BATCH))
     calls = count_calls(module.teacher)
     batches = list(datamodule.train_dataloader())
     module.train()
@@ -57,9 +47,7 @@ def test_a_short_run_gives_the_same_metrics_cached_or_not(make_cfg):
     uncached, _ = train(make_cfg(run="uncached"))
     cached, objects = train(make_cfg("perf.cache_teacher=true", run="cached"))
     assert objects["module"].teacher_cache.filled
-    for protocol in ("best", "last"):
-        for key, value in uncached[protocol].items():
-            assert cached[protocol][key] == pytest.approx(value, abs=1e-5), (protocol, key)
+    assert_same_results(uncached, cached, abs_tol=1e-5)
 
 
 def test_the_cache_is_refused_with_augmentation(make_cfg):
@@ -71,7 +59,7 @@ def test_the_cache_is_refused_with_augmentation(make_cfg):
 def test_the_cache_is_refused_for_a_teacher_that_learns(make_cfg):
     cfg = make_cfg("perf.cache_teacher=true", "scheme=online")
     with pytest.raises(KDLabError, match=r"trains the teacher.*perf\.cache_teacher=false"):
-        built(cfg)
+        build_run_module(cfg)
 
 
 @pytest.mark.slow
@@ -90,5 +78,4 @@ def test_ddp_ranks_each_cache_and_match_the_uncached_run(tmp_path):
     for log in ("train.log", "ddp_rank_1.log"):  # both ranks filled a cache of every training sample
         assert "teacher cache: 192 samples, 1 teacher(s)" in (tmp_path / "cache-true" / log).read_text()
     assert results["true"]["world_size"] == 2
-    for key, value in results["false"]["best"].items():
-        assert results["true"]["best"][key] == pytest.approx(value, abs=1e-5), key
+    assert_same_results(results["false"], results["true"], abs_tol=1e-5, protocols=("best",))

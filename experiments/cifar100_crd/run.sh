@@ -55,9 +55,8 @@ for p in $pairs; do
   for m in $methods; do
     extra=$(overrides "$m" "$p")
     echo "== $p $m seeds=$seeds -> $out/$p/$m"
-    # experiment_name on the command line: conf/train.yaml's own value would win over the experiment file's
     # shellcheck disable=SC2086
-    kd-lab -m "experiment=cifar100_crd/$p" "algorithm=$m" $extra "seed=$seeds" experiment_name=cifar100_crd \
+    kd-lab -m "experiment=cifar100_crd/$p" "algorithm=$m" $extra "seed=$seeds" \
       "hydra.sweep.dir=$out/$p/$m" "$@"
   done
 done
