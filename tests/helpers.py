@@ -1,11 +1,14 @@
-"""Test-only algorithms, reachable from configs as ``helpers.<Name>`` (pytest puts tests/ on sys.path)."""
+"""Shared test helpers: test-only algorithms and callbacks (reachable from configs as ``helpers.<Name>``; pytest puts
+tests/ on sys.path), kd-lab subprocess runners, module builders, result comparisons, fake CIFAR files."""
 
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -93,3 +96,40 @@ def assert_same_results(reference: dict, other: dict, abs_tol: float = 1e-6, pro
     for protocol in protocols:
         for key, value in reference[protocol].items():
             assert other[protocol][key] == pytest.approx(value, abs=abs_tol), (protocol, key)
+
+
+def start(root: Path, *args: str) -> subprocess.Popen:
+    """``kd-lab <args>`` started in a subprocess under ``root`` (to be killed, or ``finish``ed)."""
+    env = subprocess_env(root)
+    root.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "kd_lab.train", *args]
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 240) -> str:
+    """Wait for a ``start``ed run; a non-zero exit fails the test with the end of its output."""
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+# -- fake CIFAR files in the official layout --------------------------------------------------------------
+LAYOUT = {  # variant: (folder, train files, test files, label key, classes)
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
+}
+
+
+def write_fake_cifar(root: Path, variant: str = "cifar100", per_file: int = 12, seed: int = 0) -> Path:
+    """Files as the official archive has them: pickled dicts with bytes keys, ``data`` uint8 (n, 3072)."""
+    folder, train, test, label_key, classes = LAYOUT[variant]
+    rng = np.random.default_rng(seed)
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    for name in train + test:
+        entry = {
+            b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
+            label_key: rng.integers(0, classes, per_file).tolist(),
+            b"batch_label": b"fake",
+        }
+        (root / folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+    return root

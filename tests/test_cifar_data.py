@@ -4,33 +4,13 @@ corrupt files, and the on-device crop/flip augmentation."""
 import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from helpers import LAYOUT, write_fake_cifar
 
 from kd_lab.data import CIFARDataModule, ImageAugment
 from kd_lab.data.image_augment import CROP_KEY, FLIP_KEY
 from kd_lab.errors import KDLabError
-
-LAYOUT = {  # variant: (folder, train files, test files, label key, classes)
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels", 10),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", 100),
-}
-
-
-def write_fake_cifar(root: Path, variant: str = "cifar100", per_file: int = 12, seed: int = 0) -> Path:
-    """Files as the official archive has them: pickled dicts with bytes keys, ``data`` uint8 (n, 3072)."""
-    folder, train, test, label_key, classes = LAYOUT[variant]
-    rng = np.random.default_rng(seed)
-    (root / folder).mkdir(parents=True, exist_ok=True)
-    for name in train + test:
-        entry = {
-            b"data": rng.integers(0, 256, (per_file, 3072), dtype=np.uint8),
-            label_key: rng.integers(0, classes, per_file).tolist(),
-            b"batch_label": b"fake",
-        }
-        (root / folder / name).write_bytes(pickle.dumps(entry, protocol=2))
-    return root
 
 
 def make(root: Path, variant: str = "cifar100", **kwargs) -> CIFARDataModule:

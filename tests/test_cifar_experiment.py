@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cifar_data import write_fake_cifar
+from helpers import write_fake_cifar
 
 from kd_lab.train import train
 

@@ -1,4 +1,5 @@
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from kd_lab.compare import main, summarize
@@ -29,6 +30,14 @@ def write(
         "error": "KDLabError: boom" if status == "failed" else None,
     }
     (run / "results.json").write_text(json.dumps(results))
+
+
+def edit(run: Path, change: Callable[[dict], None]) -> None:
+    """Apply ``change`` to a written run's results.json."""
+    path = run / "results.json"
+    results = json.loads(path.read_text())
+    change(results)
+    path.write_text(json.dumps(results))
 
 
 def test_groups_seeds_and_computes_gain_and_lists_failures(tmp_path, capsys):
@@ -108,11 +117,12 @@ def test_wandb_offline_run_holds_the_table_and_the_plots(tmp_path, monkeypatch):
 def test_other_models_and_chain_stages_are_reported(tmp_path):
     for seed, (peer, ensemble) in enumerate([(0.50, 0.60), (0.54, 0.64)]):
         write(tmp_path / f"codist{seed}", "codistillation", seed, 0.55)
-        path = tmp_path / f"codist{seed}" / "results.json"
-        results = json.loads(path.read_text())
-        results["best"].update({"peer1/test/acc": peer, "ensemble/test/acc": ensemble})
-        results["chain"] = [{"stage": "gen0-s", "metrics": {"test/acc": 0.4 + seed / 10}}]
-        path.write_text(json.dumps(results))
+
+        def others(results: dict, peer=peer, ensemble=ensemble, seed=seed) -> None:
+            results["best"].update({"peer1/test/acc": peer, "ensemble/test/acc": ensemble})
+            results["chain"] = [{"stage": "gen0-s", "metrics": {"test/acc": 0.4 + seed / 10}}]
+
+        edit(tmp_path / f"codist{seed}", others)
     (row,) = summarize(sorted(tmp_path.rglob("results.json")))[0]
     assert row["others"] == "peer1 0.5200±0.0283, ensemble 0.6200±0.0283, stage gen0-s 0.4500±0.0707"
 
@@ -121,10 +131,7 @@ def test_self_distillation_rows_gain_over_the_vanilla_student(tmp_path):
     for seed, acc in enumerate([0.60, 0.62]):
         write(tmp_path / f"none{seed}", "none", seed, acc)
         write(tmp_path / f"byot{seed}", "byot", seed, acc + 0.05)
-        path = tmp_path / f"byot{seed}" / "results.json"
-        results = json.loads(path.read_text())
-        del results["names"]["teacher"]  # scheme=self: no teacher
-        path.write_text(json.dumps(results))
+        edit(tmp_path / f"byot{seed}", lambda results: results["names"].pop("teacher"))  # scheme=self: no teacher
     rows, _ = summarize(sorted(tmp_path.rglob("results.json")))
     byot = next(r for r in rows if r["algorithm"] == "byot")
     assert byot["teacher"] == "-" and abs(byot["gain_best"] - 0.05) < 1e-9
@@ -135,9 +142,6 @@ def test_speed_switches_and_data_serving_do_not_split_a_method(tmp_path):
     write(tmp_path / "kd0", "kd", 0, 0.70)
     write(tmp_path / "kd1", "kd", 1, 0.72)
     for name, extra in (("kd0", {"perf": {"cache_teacher": True}}), ("kd1", {"data": {"serve": "tensors"}})):
-        path = tmp_path / name / "results.json"
-        results = json.loads(path.read_text())
-        results["config"].update(extra)
-        path.write_text(json.dumps(results))
+        edit(tmp_path / name, lambda results, extra=extra: results["config"].update(extra))
     rows, _ = summarize(sorted(tmp_path.rglob("results.json")))
     assert len(rows) == 1 and rows[0]["seeds"] == 2 and rows[0]["setting"] == "-"

@@ -5,14 +5,13 @@ import csv
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from helpers import assert_same_results, subprocess_env
+from helpers import assert_same_results, finish, start
 from omegaconf import OmegaConf, open_dict
 
 import kd_lab.resume
@@ -31,19 +30,6 @@ RUN = [
     "trainer.accelerator=cpu",
     "logger=many",
 ]
-
-
-def start(root: Path, *args: str) -> subprocess.Popen:
-    env = subprocess_env(root)
-    root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "kd_lab.train", *args]
-    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def finish(proc: subprocess.Popen, timeout: int = 240) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-4000:]
-    return out
 
 
 def run_dir(root: Path) -> Path:

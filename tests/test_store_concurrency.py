@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from test_resume import finish, start
+from helpers import finish, start
 
 import kd_lab.teacher_store
 from kd_lab.train import train
