@@ -9,7 +9,7 @@ OmegaConf.register_new_resolver(
     "kd_job_type", lambda algorithm: "baseline" if algorithm == "none" else "distill", replace=True
 )
 
-# The Hydra run dir and output subdir of a resumed run (conf/hydra/default.yaml; kd_lab/resume.py):
+# The Hydra run dir and output subdir of a resumed run (conf/hydra/default.yaml; kd_lab/run/resume.py):
 # ``${kd_if_resume:${resume},<then>,<otherwise>}``. Registered here, so anything that imports kd_lab (a
 # submitit job unpickling its config, a test composing it) can resolve it.
 OmegaConf.register_new_resolver(

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 import kd_lab  # noqa: F401  (registers the config resolvers)
-from kd_lab.train import CONFIG_DIR
+from kd_lab.run.train import CONFIG_DIR
 
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")

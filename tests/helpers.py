@@ -48,7 +48,7 @@ TINY = ["data=fake", "teacher=mlp_large", "student=mlp_small", "teacher.max_epoc
 def run_kd_lab(root: Path, *args: str, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
     """``kd-lab <args>`` in a subprocess writing under ``root``; with ``check``, a non-zero exit fails the test
     and shows the end of its output."""
-    cmd = [sys.executable, "-m", "kd_lab.train", *args]
+    cmd = [sys.executable, "-m", "kd_lab.run.train", *args]
     proc = subprocess.run(cmd, cwd=root, env=subprocess_env(root), capture_output=True, text=True, timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -82,7 +82,7 @@ class BatchPeeker(L.Callback):
 
 def build_run_module(cfg):
     """``(module, datamodule)`` as ``train`` builds them, with an untrained teacher (seeded: repeatable)."""
-    from kd_lab.builders import build, build_datamodule, build_model, build_module
+    from kd_lab.run.builders import build, build_datamodule, build_model, build_module
 
     datamodule = build_datamodule(cfg)
     torch.manual_seed(0)
@@ -102,7 +102,7 @@ def start(root: Path, *args: str) -> subprocess.Popen:
     """``kd-lab <args>`` started in a subprocess under ``root`` (to be killed, or ``finish``ed)."""
     env = subprocess_env(root)
     root.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "kd_lab.train", *args]
+    cmd = [sys.executable, "-m", "kd_lab.run.train", *args]
     return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -11,10 +11,10 @@ from kd_lab.algorithms import DKD, AttentionTransfer, BuildContext, FitNet, Step
 from kd_lab.algorithms.attention import at_loss, attention_map, attention_vector, pair_by_depth, resize_map
 from kd_lab.algorithms.dkd import dkd_terms
 from kd_lab.algorithms.fitnet import Regressor, hint_loss
+from kd_lab.core.recorder import probe_shapes, record
+from kd_lab.core.recorder import resolve_tap as resolve_stage_tap
 from kd_lab.errors import KDLabError
 from kd_lab.models import MLP, CNN1d, CNN2d
-from kd_lab.recorder import probe_shapes, record
-from kd_lab.recorder import resolve_tap as resolve_stage_tap
 
 CTX = BuildContext(num_classes=10, num_train=100)
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from kd_lab.algorithms import Adversarial, BuildContext, CrossModal, MultiTeacher, StepOutputs, kd_loss
 from kd_lab.algorithms.multi_teacher import aggregate
 from kd_lab.errors import KDLabError
-from kd_lab.train import train
+from kd_lab.run.train import train
 
 PAIRED = BuildContext(3, 10, teacher_input_key="teacher_input")  # cross-modal: two inputs
 

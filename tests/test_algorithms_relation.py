@@ -23,9 +23,9 @@ from kd_lab.algorithms.crd import (
 from kd_lab.algorithms.pkt import cosine_conditional_probabilities, pkt_loss
 from kd_lab.algorithms.rkd import rkd_angle_loss, rkd_angle_potentials, rkd_distance_loss, rkd_distance_potentials
 from kd_lab.algorithms.sp import similarity_matrix, sp_loss
+from kd_lab.core.recorder import probe_shapes, record
 from kd_lab.errors import KDLabError
 from kd_lab.models import MLP, CNN1d
-from kd_lab.recorder import probe_shapes, record
 
 
 def _smooth_l1(d: float) -> float:
@@ -504,7 +504,7 @@ def test_crd_banks_identical_across_two_gloo_ranks(tmp_path):
 def test_configs_name_their_algorithms():
     from pathlib import Path
 
-    from kd_lab.train import CONFIG_DIR
+    from kd_lab.run.train import CONFIG_DIR
 
     for name, cls in (("sp", SP), ("rkd", RKD), ("pkt", PKT), ("crd", CRD)):
         text = Path(CONFIG_DIR, "algorithm", f"{name}.yaml").read_text()

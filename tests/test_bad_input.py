@@ -10,14 +10,14 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from kd_lab.builders import build_model, group_options
-from kd_lab.checkpoints import read_state_dict
 from kd_lab.data.fake import FakeDataModule
 from kd_lab.data.mnist1d import MNIST1dDataModule
 from kd_lab.errors import KDLabError
-from kd_lab.loggers import build_loggers
-from kd_lab.schema import check_schema
-from kd_lab.train import CONFIG_DIR, train
+from kd_lab.run.builders import build_model, group_options
+from kd_lab.run.checkpoints import read_state_dict
+from kd_lab.run.checks.schema import check_schema
+from kd_lab.run.loggers import build_loggers
+from kd_lab.run.train import CONFIG_DIR, train
 
 GROUPS = ("data", "teacher", "student", "algorithm", "scheme", "optim", "trainer", "logger", "callbacks",
           "experiment", "debug")  # fmt: skip

@@ -2,7 +2,7 @@
 
 import json
 
-from kd_lab.bench import bench
+from kd_lab.tools.bench import bench
 
 TINY = ["--rounds", "1", "--epochs", "1", "--warmup", "0"]
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from helpers import write_fake_cifar
 
-from kd_lab.train import train
+from kd_lab.run.train import train
 
 EXPERIMENT = Path(__file__).resolve().parent.parent / "experiments" / "cifar100_crd"
 TINY = ["data.val_size=8", "data.batch_size=8", "data.eval_batch_size=16", "trainer.accelerator=cpu"]
 
 
 def test_every_pair_composes_with_the_reference_recipe(make_cfg):
-    pairs = sorted(p.stem for p in (EXPERIMENT.parent.parent / "conf/experiment/cifar100_crd").glob("*.yaml"))
+    pairs = sorted(p.stem for p in (EXPERIMENT.parent.parent / "kd_lab/conf/experiment/cifar100_crd").glob("*.yaml"))
     assert len(pairs) == 13
     for pair in pairs:
         cfg = make_cfg(f"experiment=cifar100_crd/{pair}", fast=False)
@@ -65,8 +65,8 @@ def test_convert_teacher_reads_a_repdistiller_checkpoint(tmp_path):
     teacher.ckpt_path does, into the same weights."""
     import torch
 
-    from kd_lab.checkpoints import load_weights
     from kd_lab.models.cifar import resnet8
+    from kd_lab.run.checkpoints import load_weights
 
     source = resnet8()
     saved = {"epoch": 240, "model": source.state_dict(), "accuracy": torch.tensor(69.1), "optimizer": {}}

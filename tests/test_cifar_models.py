@@ -10,8 +10,8 @@ import hashlib
 import pytest
 import torch
 
+from kd_lab.core.recorder import probe_shapes, resolve_tap
 from kd_lab.models.cifar import ZOO
-from kd_lab.recorder import probe_shapes, resolve_tap
 
 # name: (parameters for 100 classes, sha1[:16] of "key:shape" lines of the sorted state dict)
 REFERENCE = {

@@ -2,7 +2,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from kd_lab.compare import main, summarize
+from kd_lab.tools.compare import main, summarize
 
 
 def write(

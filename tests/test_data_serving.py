@@ -7,7 +7,7 @@ import torch
 from kd_lab.data import FakeDataModule, ImageAugment, SignalAugment
 from kd_lab.data.batches import TensorBatches, loader_batches
 from kd_lab.errors import KDLabError
-from kd_lab.train import train
+from kd_lab.run.train import train
 
 
 def tensors(n: int = 23) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""perf.steps_per_batch (kd_lab.perf, kd_lab.fused_steps): lists of batches, one optimizer step per batch, the
+"""perf.steps_per_batch (kd_lab.run.perf, kd_lab.run.fused_steps): lists of batches, one optimizer step per batch, the
 same run as Lightning's automatic loop; Lightning's own backward/step only where something needs it."""
 
 import lightning as L
@@ -7,9 +7,9 @@ import torch
 from helpers import ONE_BATCH, assert_same_results, build_run_module
 
 from kd_lab.errors import KDLabError
-from kd_lab.fused_steps import direct_step_blocker
-from kd_lab.perf import AUTO_STEPS
-from kd_lab.train import train
+from kd_lab.run.fused_steps import direct_step_blocker
+from kd_lab.run.perf import AUTO_STEPS
+from kd_lab.run.train import train
 
 COUNTER = "+callbacks.backward_counter._target_=helpers.BackwardCounter"
 
@@ -111,7 +111,7 @@ def test_adversarial_methods_clip_their_manual_steps(make_cfg):
 
 def test_fused_steps_are_refused_where_they_cannot_work(make_cfg):
     from kd_lab.data import FakeDataModule
-    from kd_lab.perf import fuse_steps
+    from kd_lab.run.perf import fuse_steps
 
     with pytest.raises(KDLabError, match=r"adversary.*perf\.steps_per_batch=1"):
         train(make_cfg("algorithm=adversarial", "perf.steps_per_batch=4"))

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from kd_lab.errors import KDLabError
+from kd_lab.run.train import CONFIG_DIR, train
 from kd_lab.schemes import COMPATIBLE, check_compatible
-from kd_lab.train import CONFIG_DIR, train
 
 ALGORITHMS = sorted(p.stem for p in Path(CONFIG_DIR, "algorithm").glob("*.yaml"))
 SCHEMES = sorted(p.stem for p in Path(CONFIG_DIR, "scheme").glob("*.yaml"))

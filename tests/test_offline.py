@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kd_lab.errors import KDLabError
-from kd_lab.train import train
+from kd_lab.run.train import train
 
 
 def test_frozen_teacher_is_untouched_unoptimized_and_not_checkpointed(make_cfg):
@@ -96,8 +96,8 @@ def test_bad_tap_path_fails_at_build_time(make_cfg):
         def student_taps(self):
             return ["layer.0"]
 
-    from kd_lab.builders import build_datamodule, build_model
-    from kd_lab.module import DistillationModule
+    from kd_lab.run.builders import build_datamodule, build_model
+    from kd_lab.run.module import DistillationModule
     from kd_lab.schemes import Offline
 
     cfg = make_cfg()

@@ -8,7 +8,7 @@ import torch
 from helpers import ONE_BATCH, build_run_module
 
 from kd_lab.errors import KDLabError
-from kd_lab.train import train
+from kd_lab.run.train import train
 
 IMAGES = ["data.input_shape=[1,8,8]", "teacher=cnn2d_large", "student=cnn2d_small"]
 FAST_DEV = ["+trainer.fast_dev_run=true"]

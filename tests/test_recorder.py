@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
+from kd_lab.core.recorder import FeatureRecorder, probe_shapes, record
 from kd_lab.errors import KDLabError
 from kd_lab.models import MLP, CNN1d
-from kd_lab.recorder import FeatureRecorder, probe_shapes, record
 
 
 def cnn() -> CNN1d:
@@ -68,7 +68,7 @@ def test_any_module_can_be_recorded():
 
 
 def test_tap_specs_resolve_to_paths():
-    from kd_lab.recorder import resolve_tap
+    from kd_lab.core.recorder import resolve_tap
 
     model = cnn()
     assert resolve_tap(model, -1) == "blocks.2" and resolve_tap(model, 0) == "blocks.0"

@@ -14,10 +14,10 @@ import torch
 from helpers import assert_same_results, finish, start
 from omegaconf import OmegaConf, open_dict
 
-import kd_lab.resume
-import kd_lab.train
+import kd_lab.run.resume
+import kd_lab.run.train
 from kd_lab.errors import KDLabError
-from kd_lab.resume import RESUME_FILE, record_start, resume_checkpoint, resume_config, start_or_resume
+from kd_lab.run.resume import RESUME_FILE, record_start, resume_checkpoint, resume_config, start_or_resume
 
 # CRD: a memory bank (buffers), sampled negatives (the global generator), a projection head; a CNN student
 RUN = [
@@ -140,16 +140,16 @@ class InterruptAt(L.Callback):
 def test_adversarial_run_interrupted_and_resumed_in_process_matches(make_cfg, monkeypatch):
     """The discriminator, its optimizer and the student's schedule under manual optimization survive."""
     overrides = ["student=cnn1d_tiny", "algorithm=adversarial", "trainer.max_epochs=5"]
-    reference, _ = kd_lab.train.train(make_cfg(*overrides, run="alone"))
+    reference, _ = kd_lab.run.train.train(make_cfg(*overrides, run="alone"))
     cfg = make_cfg(*overrides, run="interrupted")
-    build_callbacks = kd_lab.train.build_callbacks
-    monkeypatch.setattr(kd_lab.train, "build_callbacks", lambda c: [*build_callbacks(c), InterruptAt(3)])
+    build_callbacks = kd_lab.run.train.build_callbacks
+    monkeypatch.setattr(kd_lab.run.train, "build_callbacks", lambda c: [*build_callbacks(c), InterruptAt(3)])
     with pytest.raises(Interrupted):
-        kd_lab.train.train(cfg)
-    monkeypatch.setattr(kd_lab.train, "build_callbacks", build_callbacks)
+        kd_lab.run.train.train(cfg)
+    monkeypatch.setattr(kd_lab.run.train, "build_callbacks", build_callbacks)
     checkpoint = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(checkpoint, weights_only=False)["epoch"] == 2
-    resumed, _ = kd_lab.train.train(cfg, str(checkpoint))
+    resumed, _ = kd_lab.run.train.train(cfg, str(checkpoint))
     for protocol in ("best", "last"):
         assert resumed[protocol].keys() == reference[protocol].keys()
     assert_same_results(reference, resumed)
@@ -159,13 +159,13 @@ def test_a_requeued_slurm_job_continues_from_its_run_dir(make_cfg, monkeypatch):
     """Lightning's SLURM requeue left hpc_ckpt_<n>.ckpt in the run dir: the requeued job (same dir) continues,
     from last.ckpt when there is one (an exact resume), else from the newest hpc checkpoint."""
     cfg = make_cfg("trainer.max_epochs=1")
-    kd_lab.train.train(cfg)
+    kd_lab.run.train.train(cfg)
     run = Path(cfg.paths.output_dir)
     last = run / "checkpoints" / "last.ckpt"
     for n in (1, 2):
         (run / f"hpc_ckpt_{n}.ckpt").write_bytes(last.read_bytes())
     assert start_or_resume(cfg)[1] is None  # not under SLURM: a fresh start
-    monkeypatch.setattr(kd_lab.resume.SLURMEnvironment, "detect", staticmethod(lambda: True))
+    monkeypatch.setattr(kd_lab.run.resume.SLURMEnvironment, "detect", staticmethod(lambda: True))
     assert start_or_resume(cfg)[1] == str(last.absolute())
     last.unlink()
     assert start_or_resume(cfg)[1] == str((run / "hpc_ckpt_2.ckpt").absolute())

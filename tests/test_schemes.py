@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from kd_lab.algorithms import BYOT, BuildContext, Codistillation, StepOutputs
+from kd_lab.core.recorder import probe_shapes, record
 from kd_lab.errors import KDLabError
-from kd_lab.exits import export_exit
 from kd_lab.models import CNN1d
-from kd_lab.recorder import probe_shapes, record
+from kd_lab.run.train import train
 from kd_lab.schemes import Online
-from kd_lab.train import train
+from kd_lab.tools.exits import export_exit
 
 CNN_TEACHER = ["teacher=cnn1d_large", "teacher.model.channels=[8,16,16]"]
 
@@ -42,7 +42,7 @@ def test_online_teacher_learns_and_is_checkpointed(make_cfg, tmp_path):
 
 def _online_teacher_before_and_after(cfg, monkeypatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The online teacher's parameters when the module is built and after ``train(cfg)``."""
-    import kd_lab.train as train_module
+    import kd_lab.run.train as train_module
 
     original, before = train_module.build_module, []
 
@@ -254,7 +254,7 @@ def test_byot_run_reports_each_exit_and_its_cost(make_cfg):
 
 
 def test_export_exit_cli_writes_a_plain_model(make_cfg, tmp_path, capsys):
-    from kd_lab.export import load_run, main
+    from kd_lab.tools.export import load_run, main
 
     train(make_cfg("scheme=self", "algorithm=byot", "student=cnn1d_tiny", "trainer.max_epochs=1"))
     main([str(tmp_path / "run"), "--exit", "exit1", "--out", str(tmp_path / "exit1.pt")])

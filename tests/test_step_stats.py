@@ -7,9 +7,9 @@ import pytest
 import torch
 from helpers import ONE_BATCH
 
+from kd_lab.core.step_stats import EpochSums, FiniteGuard, stack_terms
 from kd_lab.errors import NonFiniteLossError
-from kd_lab.step_stats import EpochSums, FiniteGuard, stack_terms
-from kd_lab.train import train
+from kd_lab.run.train import train
 
 
 class StepLosses(L.Callback):
@@ -31,7 +31,7 @@ def test_logged_train_loss_is_the_weighted_mean_of_the_steps(make_cfg, monkeypat
         def on_train_epoch_end(self, trainer, module):
             means.append(float(trainer.callback_metrics["train/loss"]))
 
-    import kd_lab.train as train_module
+    import kd_lab.run.train as train_module
 
     real = train_module.build_callbacks
     monkeypatch.setattr(train_module, "build_callbacks", lambda c: [*real(c), recorder, Probe()])

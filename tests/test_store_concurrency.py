@@ -11,8 +11,8 @@ import lightning as L
 import pytest
 from helpers import finish, start
 
-import kd_lab.teacher_store
-from kd_lab.train import train
+import kd_lab.run.teacher_store
+from kd_lab.run.train import train
 
 FAST = ["data=fake", "teacher=mlp_large", "student=mlp_small", "trainer.max_epochs=2", "trainer.accelerator=cpu"]
 TRAINING, REUSING = "No cached teacher mlp_large", "Reusing cached teacher mlp_large"
@@ -66,7 +66,7 @@ class FailAt(L.Callback):
 
 
 def test_a_run_whose_teacher_training_fails_is_recorded_as_failed(make_cfg, tmp_path, monkeypatch):
-    monkeypatch.setattr(kd_lab.teacher_store, "EpochSummary", lambda every: FailAt())
+    monkeypatch.setattr(kd_lab.run.teacher_store, "EpochSummary", lambda every: FailAt())
     with pytest.raises(RuntimeError, match="teacher training failed"):
         train(make_cfg("teacher.max_epochs=3", run="a"))
     results = json.loads((tmp_path / "a" / "results.json").read_text())

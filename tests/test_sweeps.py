@@ -11,7 +11,7 @@ from helpers import TINY, run_kd_lab
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from kd_lab.train import CONFIG_DIR
+from kd_lab.run.train import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 

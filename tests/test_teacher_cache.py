@@ -6,7 +6,7 @@ import torch
 from helpers import ONE_BATCH, assert_same_results, build_run_module
 
 from kd_lab.errors import KDLabError
-from kd_lab.train import train
+from kd_lab.run.train import train
 
 
 def count_calls(model: torch.nn.Module) -> list[int]:

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from kd_lab.loggers import wandb_mode
-from kd_lab.train import train
+from kd_lab.run.loggers import wandb_mode
+from kd_lab.run.train import train
 
 
 def test_results_json_records_the_run(make_cfg, tmp_path):

@@ -10,7 +10,7 @@
 # other on one GPU; every teacher is trained once (teacher store) and reused by all methods and seeds.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-pairs_dir="$here/../../conf/experiment/cifar100_crd"
+pairs_dir="$here/../../kd_lab/conf/experiment/cifar100_crd"
 pair=${1:?pair name (e.g. resnet32x4-resnet8x4) or all}
 method=${2:?method (none kd fitnet attention sp rkd pkt crd crd_kd dkd) or all}
 seeds=${3:-0}

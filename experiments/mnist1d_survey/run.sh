@@ -9,7 +9,7 @@ out=${1:-$PWD/logs/mnist1d_survey}
 export OMP_NUM_THREADS=1
 # every offline method but the ones that need other data (cross_modal), are chains (teacher_assistant), belong
 # to other schemes (below), or are a benchmark's variant of another (crd_kd: crd plus the kd term)
-algorithms=$(cd "$here/../../conf/algorithm" && ls *.yaml | sed 's/\.yaml$//' |
+algorithms=$(cd "$here/../../kd_lab/conf/algorithm" && ls *.yaml | sed 's/\.yaml$//' |
   grep -vxE 'cross_modal|teacher_assistant|codistillation|byot|born_again|crd_kd' | paste -sd, -)
 
 run() {  # sweep name, student, overrides...

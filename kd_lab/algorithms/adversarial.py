@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs
 from kd_lab.algorithms.embedding import flat, flat_dim, linear_connector
 from kd_lab.algorithms.kd import kd_loss
+from kd_lab.core.recorder import resolve_tap
 from kd_lab.errors import KDLabError
-from kd_lab.recorder import resolve_tap
 
 
 class Discriminator(nn.Module):

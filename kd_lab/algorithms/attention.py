@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs
+from kd_lab.core.recorder import TapSpec, resolve_tap
 from kd_lab.errors import KDLabError
-from kd_lab.recorder import TapSpec, resolve_tap
 
 _MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 

@@ -116,7 +116,7 @@ class Algorithm(nn.Module):
         raise NotImplementedError
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
-        """Resolve configured tap specs (indices, "embedding", paths; ``kd_lab.recorder.resolve_tap``) into
+        """Resolve configured tap specs (indices, "embedding", paths; ``kd_lab.core.recorder.resolve_tap``) into
         the module paths that ``student_taps`` / ``teacher_taps`` return. Called before shapes are probed."""
 
     def bind_teachers(self, teachers: list[nn.Module]) -> None:

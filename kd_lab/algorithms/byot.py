@@ -15,7 +15,7 @@ T = 3 and a hint weight of 1e-6 on a *summed* squared error; ours is a mean over
 width, which at batch 128 and a 512-wide embedding (their ResNet-18) is the paper's term times ~1.5e-5, so
 the equivalent here is hint_weight ~0.065 (1e-6 x 128 x 512); the default 0.05 rounds it down. Each exit's
 accuracy is reported (``exit<i>/test/acc``) with its inference cost (``results.json`` ->
-``algorithm.exits``); ``kd_lab.exits.export_exit`` cuts one exit out as a plain model, without the other heads.
+``algorithm.exits``); ``kd_lab.tools.exits.export_exit`` cuts one exit out as a plain model, without the other heads.
 """
 
 import torch
@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs, cross_entropy
 from kd_lab.algorithms.embedding import flat, flat_dim
 from kd_lab.algorithms.kd import kd_loss
+from kd_lab.core.recorder import resolve_tap
 from kd_lab.errors import KDLabError
-from kd_lab.recorder import resolve_tap
 
 
 def exit_head(shape: torch.Size, width: int, num_classes: int) -> nn.Sequential:
@@ -111,6 +111,6 @@ class BYOT(Algorithm):
         }
 
     def report(self, student: nn.Module, example: Tensor) -> dict:
-        from kd_lab.exits import exit_costs  # a leaf module of its own; imported late to keep this file light
+        from kd_lab.tools.exits import exit_costs  # a leaf module of its own; imported late to keep this file light
 
         return {"exits": exit_costs(student, self, example)}

@@ -40,8 +40,8 @@ from kd_lab.algorithms.base import BuildContext, StepOutputs
 from kd_lab.algorithms.embedding import flat_dim
 from kd_lab.algorithms.kd import kd_loss
 from kd_lab.algorithms.taps import OneTapPair
+from kd_lab.core.recorder import TapSpec
 from kd_lab.errors import KDLabError
-from kd_lab.recorder import TapSpec
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 
 from kd_lab.algorithms.base import BuildContext, StepOutputs
 from kd_lab.algorithms.taps import OneTapPair
+from kd_lab.core.recorder import TapSpec
 from kd_lab.errors import KDLabError
-from kd_lab.recorder import TapSpec
 
 MIDDLE = "middle"
 

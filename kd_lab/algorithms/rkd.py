@@ -17,7 +17,7 @@ from torch import Tensor
 
 from kd_lab.algorithms.base import StepOutputs
 from kd_lab.algorithms.taps import OneTapPair
-from kd_lab.recorder import TapSpec
+from kd_lab.core.recorder import TapSpec
 
 
 def pairwise_distances(e: Tensor, eps: float = 1e-12) -> Tensor:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from kd_lab.algorithms.base import StepOutputs
 from kd_lab.algorithms.taps import OneTapPair
-from kd_lab.recorder import TapSpec
+from kd_lab.core.recorder import TapSpec
 
 
 def similarity_matrix(features: Tensor) -> Tensor:

@@ -4,7 +4,7 @@ from torch import Tensor, nn
 
 from kd_lab.algorithms.base import Algorithm, StepOutputs
 from kd_lab.algorithms.embedding import flat
-from kd_lab.recorder import TapSpec, resolve_tap
+from kd_lab.core.recorder import TapSpec, resolve_tap
 
 
 class OneTapPair(Algorithm):

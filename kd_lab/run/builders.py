@@ -15,11 +15,11 @@ from torch import nn
 from kd_lab.algorithms.base import Algorithm
 from kd_lab.data.base import TensorDataModule
 from kd_lab.errors import KDLabError
-from kd_lab.module import DistillationModule
-from kd_lab.perf import apply_perf
+from kd_lab.run.module import DistillationModule
+from kd_lab.run.perf import apply_perf
 from kd_lab.schemes.base import Scheme
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"  # the repo's conf/ (editable install)
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"  # kd_lab/conf: the configs ship inside the package
 
 # keys of a group that describe it but are not constructor arguments
 META_KEYS = ("name", "extra_teachers", "peer_models")

@@ -28,7 +28,7 @@ def job_subprocess_cmd(local_rank: int) -> tuple[Sequence[str], str]:
     command = [
         sys.executable,
         "-m",
-        "kd_lab.train",
+        "kd_lab.run.train",
         f"--config-path={config_dir}",
         f"--config-name={hc.job.config_name}",
     ]

@@ -5,7 +5,7 @@ over seeds at the best-validation epoch and at the last epoch (both protocols, b
 disagree: RepDistiller reports the last epoch, mdistiller the best), the gain over the vanilla student of
 the same (data, teacher, student), the teacher's accuracy, student-teacher agreement, the parameter ratio,
 wall time and the number of seeds. Failed or unfinished runs are listed, never silently dropped.
-It also draws PNG plots (``kd_lab.compare_plots``) and logs the table to W&B (``kd_lab.compare_wandb``).
+It also draws PNG plots (``kd_lab.tools.compare_plots``) and logs the table to W&B (``kd_lab.tools.compare_wandb``).
 """
 
 import argparse
@@ -28,7 +28,7 @@ NOT_A_SETTING = (
     "run_name",
     "hydra.",
     "trainer.enable_progress_bar",
-    "perf.",  # speed switches leave the math alone (kd_lab.perf)
+    "perf.",  # speed switches leave the math alone (kd_lab.run.perf)
     "data.serve",  # how batches reach the model (conf/data/_serving.yaml)
     "data.device_max_mb",
     "data.num_workers",
@@ -186,14 +186,14 @@ def main(argv: list[str] | None = None) -> int:
             writer.writerows(rows)
     plots = []
     if args.plots or args.markdown:
-        from kd_lab.compare_plots import write_plots
+        from kd_lab.tools.compare_plots import write_plots
 
         directory, prefix = (args.plots, "") if args.plots else (args.markdown.parent, f"{args.markdown.stem}_")
         plots = write_plots(rows, directory, prefix)
         for path in plots:
             print(f"plot: {path}", file=sys.stderr)
     if args.wandb:
-        from kd_lab.compare_wandb import log_comparison
+        from kd_lab.tools.compare_wandb import log_comparison
 
         run_dir = log_comparison(rows, problems, plots, args.wandb_project, args.wandb_group, args.wandb_name)
         print(f"W&B run: {run_dir}", file=sys.stderr)

@@ -25,13 +25,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kd_lab.algorithms.none import NoDistillation
-from kd_lab.builders import build_model, build_module, build_trainer, to_dict
-from kd_lab.callbacks import EpochSummary
-from kd_lab.checkpoints import load_weights
 from kd_lab.data.base import TensorDataModule
-from kd_lab.ddp import global_rank
-from kd_lab.fused_steps import manual_step_overrides
-from kd_lab.module import check_logits, count_parameters
+from kd_lab.run.builders import build_model, build_module, build_trainer, to_dict
+from kd_lab.run.callbacks import EpochSummary
+from kd_lab.run.checkpoints import load_weights
+from kd_lab.run.ddp import global_rank
+from kd_lab.run.fused_steps import manual_step_overrides
+from kd_lab.run.module import check_logits, count_parameters
 from kd_lab.schemes.offline import Offline
 from kd_lab.utils.io import atomic_torch_save, atomic_write_json
 
@@ -145,7 +145,7 @@ def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModul
         max_epochs=t.max_epochs,
         enable_checkpointing=False,
         default_root_dir=str(staging),
-        **manual_step_overrides(cfg.trainer, module, datamodule.steps_per_batch),  # kd_lab.fused_steps
+        **manual_step_overrides(cfg.trainer, module, datamodule.steps_per_batch),  # kd_lab.run.fused_steps
     )
     start = time.perf_counter()
     run_seed, datamodule.seed = datamodule.seed, t.seed  # the teacher does not depend on the student's seed

@@ -16,8 +16,8 @@ import logging
 import torch
 from torch import Tensor, nn
 
+from kd_lab.core.recorder import FeatureRecorder
 from kd_lab.errors import KDLabError
-from kd_lab.recorder import FeatureRecorder
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.loggers import CSVLogger, Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kd_lab.ddp import global_rank
 from kd_lab.errors import KDLabError
+from kd_lab.run.ddp import global_rank
 from kd_lab.utils.io import _atomic_write
 
 RESUME_FILE = "resume.yaml"

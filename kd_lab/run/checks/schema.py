@@ -3,8 +3,8 @@ the key, the bad value, what is allowed and the fix, before anything is trained 
 
 Checked, in this order: keys that no schema knows (``+algorithm.temprature=4``; the closest valid key is
 suggested), values of the wrong type (``algorithm.temperature=hot``), values out of range (the table in
-``kd_lab.schemas.ranges``), files named by the config, the algorithm-scheme pairing, and finally a build of
-the whole run with untrained teachers (``kd_lab.schemas.dry_build``: tap paths, connectors, class counts,
+``kd_lab.run.checks.ranges``), files named by the config, the algorithm-scheme pairing, and finally a build of
+the whole run with untrained teachers (``kd_lab.run.checks.dry_build``: tap paths, connectors, class counts,
 data). Unknown options of a group (``algorithm=kdd``) never reach this: Hydra rejects them while composing
 and lists the valid options.
 """
@@ -16,16 +16,16 @@ from typing import Any
 from hydra._internal.utils import _locate  # what instantiate() uses; get_object() also logs
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lab.builders import CONFIG_DIR, META_KEYS, group_options, to_dict
 from kd_lab.data.base import TensorDataModule
 from kd_lab.errors import KDLabError
-from kd_lab.schemas.dry_build import dry_build
-from kd_lab.schemas.groups import GROUP_SCHEMAS
-from kd_lab.schemas.ranges import out_of_range
-from kd_lab.schemas.signatures import EMPTY, Signature, fits, signature_of, type_name
+from kd_lab.run.builders import CONFIG_DIR, META_KEYS, group_options, to_dict
+from kd_lab.run.checks.dry_build import dry_build
+from kd_lab.run.checks.groups import GROUP_SCHEMAS
+from kd_lab.run.checks.ranges import out_of_range
+from kd_lab.run.checks.signatures import EMPTY, Signature, fits, signature_of, type_name
 from kd_lab.schemes import check_compatible
 
-# nodes that kd_lab.builders.build() instantiates: it drops META_KEYS (name, extra_teachers, ...) first
+# nodes that kd_lab.run.builders.build() instantiates: it drops META_KEYS (name, extra_teachers, ...) first
 BUILT_WITHOUT_META = {"data", "algorithm", "scheme", "student.model", "teacher.model"}
 BUILT_WITHOUT_META |= {f"{o}.{part}" for o in ("optim", "teacher.optim") for part in ("optimizer", "scheduler")}
 MAX_LISTED = 12

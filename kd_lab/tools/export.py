@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from kd_lab.builders import build, build_datamodule, build_model, build_module
 from kd_lab.errors import KDLabError
-from kd_lab.exits import executed_parameters, export_exit
+from kd_lab.run.builders import build, build_datamodule, build_model, build_module
+from kd_lab.tools.exits import executed_parameters, export_exit
 
 log = logging.getLogger(__name__)
 

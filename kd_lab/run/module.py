@@ -18,13 +18,13 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs, cross_entropy
+from kd_lab.core.recorder import FeatureRecorder, probe_shapes
+from kd_lab.core.step_stats import EpochSums, FiniteGuard, stack_terms
 from kd_lab.errors import KDLabError
-from kd_lab.fused_steps import OptimizerSteps, clip, count_logger_steps
-from kd_lab.recorder import FeatureRecorder, probe_shapes
-from kd_lab.resume import rng_states, set_rng_states
+from kd_lab.run.fused_steps import OptimizerSteps, clip, count_logger_steps
+from kd_lab.run.resume import rng_states, set_rng_states
+from kd_lab.run.teacher_cache import TeacherCache
 from kd_lab.schemes.base import Scheme
-from kd_lab.step_stats import EpochSums, FiniteGuard, stack_terms
-from kd_lab.teacher_cache import TeacherCache
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 # (optimizer, total_epochs, steps_per_epoch) -> a scheduler stepped every optimizer step (kd_lab.optim)
@@ -46,13 +46,13 @@ def check_logits(model: nn.Module, example: Tensor, num_classes: int, role: str)
 
 
 class DistillationModule(L.LightningModule):
-    # speed switches, set by kd_lab.perf.apply_perf (docs/performance.md); the defaults change nothing
+    # speed switches, set by kd_lab.run.perf.apply_perf (docs/performance.md); the defaults change nothing
     teacher_cache: TeacherCache | None = None  # teacher outputs computed once for the training set
     teacher_inference_mode: bool = False  # frozen teachers under torch.inference_mode instead of no_grad
     channels_last: bool = False  # 4-D (image) inputs in NHWC memory format, as the models are
     check_finite_every: int | None = None  # steps between non-finite loss checks; None: 1 on CPU, 50 on GPU
     steps_per_batch_reason: str = "set"  # why perf.steps_per_batch=auto chose what it chose (logged by train)
-    gradient_clip: tuple[float, str] | None = None  # manual optimization: (value, algorithm), kd_lab.fused_steps
+    gradient_clip: tuple[float, str] | None = None  # manual optimization: (value, algorithm), kd_lab.run.fused_steps
     _finite_guard: FiniteGuard | None = None
     _epoch_sums: EpochSums | None = None
     _optimizer_steps: OptimizerSteps | None = None  # perf.steps_per_batch, built once per fit
@@ -230,7 +230,7 @@ class DistillationModule(L.LightningModule):
 
     def _loss(self, terms: dict[str, Tensor], prefix: str = "train/loss") -> Tensor:
         """The summed loss. Its terms are only stacked and added up on the device here (no host sync, no
-        ``self.log`` per step: ``kd_lab.step_stats``); ``_log_epoch_losses`` logs the epoch means."""
+        ``self.log`` per step: ``kd_lab.core.step_stats``); ``_log_epoch_losses`` logs the epoch means."""
         loss = torch.stack(list(terms.values())).sum()
         values, names = stack_terms(loss, terms), tuple(terms)
         if self._finite_guard is None:
@@ -264,9 +264,9 @@ class DistillationModule(L.LightningModule):
         return loss
 
     def _fused_step(self, batch: dict[str, Tensor]) -> None:
-        """One optimizer step of a chunk (``kd_lab.perf``, manual optimization): what Lightning's automatic loop
+        """One optimizer step of a chunk (``kd_lab.run.perf``, manual optimization): what Lightning's automatic loop
         does for a batch, without the per-batch work around it (fetch, transfer, batch start/end hooks); the
-        backward and step themselves skip Lightning's hooks when nothing uses them (``kd_lab.fused_steps``)."""
+        backward and step themselves skip Lightning's hooks when nothing uses them (``kd_lab.run.fused_steps``)."""
         self._batch_size = len(batch["target"])
         loss = self._loss(self._terms(self._step_outputs(batch, with_teacher=self.algorithm.needs_teacher)))
         if self._optimizer_steps is None:

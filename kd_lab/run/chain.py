@@ -21,10 +21,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from kd_lab.builders import group_option, replace_nodes, to_dict
-from kd_lab.ddp import global_rank
 from kd_lab.errors import KDLabError
-from kd_lab.teacher_store import cached_entry, learning_context, short_hash, teacher_key
+from kd_lab.run.builders import group_option, replace_nodes, to_dict
+from kd_lab.run.ddp import global_rank
+from kd_lab.run.teacher_store import cached_entry, learning_context, short_hash, teacher_key
 from kd_lab.utils.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def stage_key(parent: str, stage: DictConfig) -> str:
 def resolve_chain(cfg: DictConfig, datamodule) -> tuple[DictConfig, list[dict[str, Any]]]:
     """Train or reuse every stage before the run's own; return the run's config (its teacher is the last
     stage, its algorithm the inner one) and what each stage scored."""
-    from kd_lab.train import train  # a stage is a whole run (train imports this module)
+    from kd_lab.run.train import train  # a stage is a whole run (train imports this module)
 
     if datamodule.teacher_input_key != "input":
         raise KDLabError(

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from kd_lab.recorder import resolve_module
+from kd_lab.core.recorder import resolve_module
 
 
 class _Stop(Exception):  # control flow (the forward stops at the exit), not an error

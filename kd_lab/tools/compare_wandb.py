@@ -1,6 +1,6 @@
 """``kd-lab-compare --wandb``: the comparison table as a ``wandb.Table``, with its plots, in a W&B run.
 
-The run's mode follows the training runs' rule (``kd_lab.loggers.wandb_mode``): ``WANDB_MODE`` if set,
+The run's mode follows the training runs' rule (``kd_lab.run.loggers.wandb_mode``): ``WANDB_MODE`` if set,
 online with credentials and a reachable server, offline otherwise (upload later with ``wandb sync``).
 Runs not in the table go into a second table, so the dashboard shows what is missing too.
 """
@@ -20,7 +20,7 @@ def log_comparison(
     """Log one ``compare`` run; returns its local directory."""
     import wandb
 
-    from kd_lab.loggers import wandb_mode
+    from kd_lab.run.loggers import wandb_mode
 
     columns = list(rows[0]) if rows else []
     run = wandb.init(project=project, group=group, name=name, job_type="compare", mode=wandb_mode(None))

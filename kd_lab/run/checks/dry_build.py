@@ -9,8 +9,8 @@ returned for the run to use, so the data are read once.
 
 from omegaconf import DictConfig
 
-from kd_lab.builders import build, build_datamodule, build_model, build_module, group_option
 from kd_lab.data.base import TensorDataModule
+from kd_lab.run.builders import build, build_datamodule, build_model, build_module, group_option
 
 
 def dry_build(cfg: DictConfig) -> TensorDataModule | None:

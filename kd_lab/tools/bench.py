@@ -3,7 +3,7 @@
 Variants, run interleaved round after round (a, b, c, d, a, b, ...) so that the load of a shared machine falls
 on all of them alike; each run's first ``--warmup`` epochs are dropped and the median of the rest is kept:
 
-  a  plain KD loop (``kd_lab.bench_loops``): same models, data tensors, batch size, optimizer, schedule,
+  a  plain KD loop (``kd_lab.tools.bench_loops``): same models, data tensors, batch size, optimizer, schedule,
      augmentation, validation and checkpoints as the kd-lab run
   b  kd-lab KD through Lightning, built by kd-lab's own builders from the composed config   -> ratio b / a
   c  plain vanilla student loop (no teacher), augmentation off
@@ -39,9 +39,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from kd_lab.bench_loops import PlainRun, run_epoch
-from kd_lab.bench_sources import per_sample_loader
-from kd_lab.builders import (
+from kd_lab.run.builders import (
     CONFIG_DIR,
     build,
     build_callbacks,
@@ -50,8 +48,10 @@ from kd_lab.builders import (
     build_module,
     build_trainer,
 )
-from kd_lab.fused_steps import manual_step_overrides
-from kd_lab.loggers import build_loggers, finish_loggers, quiet_lightning_console
+from kd_lab.run.fused_steps import manual_step_overrides
+from kd_lab.run.loggers import build_loggers, finish_loggers, quiet_lightning_console
+from kd_lab.tools.bench_loops import PlainRun, run_epoch
+from kd_lab.tools.bench_sources import per_sample_loader
 
 CIFAR = [
     "data=fake",

@@ -1,6 +1,6 @@
 """The ``perf`` config group applied to a built module: speed switches that leave the run's math alone.
 
-- ``cache_teacher``: teacher outputs computed once for the training set (``kd_lab.teacher_cache``); refused
+- ``cache_teacher``: teacher outputs computed once for the training set (``kd_lab.run.teacher_cache``); refused
   with a clear error when augmentation or a learning teacher would make them wrong.
 - ``teacher_inference_mode``: frozen teachers run under ``torch.inference_mode`` (no autograd bookkeeping at
   all); their outputs are cloned into normal tensors, which the losses may save for backward.
@@ -8,7 +8,7 @@
   convolutions want under bf16; a no-op for 1-D signals and MLPs.
 - ``compile``: ``nn.Module.compile()`` of student and teacher, in place, so state-dict keys (checkpoints) are
   unchanged; ``compile_backend`` picks torch.compile's backend.
-- ``check_finite_every``: steps between non-finite loss checks (``kd_lab.step_stats.FiniteGuard``).
+- ``check_finite_every``: steps between non-finite loss checks (``kd_lab.core.step_stats.FiniteGuard``).
 - ``steps_per_batch``: Lightning gets lists of that many training batches and the module takes one optimizer
   step per batch in a list (manual optimization), so Lightning's per-batch machinery (~0.3-0.5 ms of hooks
   and bookkeeping, a third of a small model's step) runs once per list. The same optimizer steps on the same
@@ -29,8 +29,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig
 
 from kd_lab.errors import KDLabError
-from kd_lab.module import DistillationModule, SchedulerFactory
-from kd_lab.teacher_cache import TeacherCache, check_cacheable
+from kd_lab.run.module import DistillationModule, SchedulerFactory
+from kd_lab.run.teacher_cache import TeacherCache, check_cacheable
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lab.builders import CONFIG_DIR as BUILDERS_CONFIG_DIR
-from kd_lab.builders import (
+from kd_lab.errors import KDLabError, brief
+from kd_lab.run.builders import CONFIG_DIR as BUILDERS_CONFIG_DIR
+from kd_lab.run.builders import (
     build,
     build_callbacks,
     build_datamodule,
@@ -31,17 +32,16 @@ from kd_lab.builders import (
     replace_nodes,
     to_dict,
 )
-from kd_lab.chain import is_chain, resolve_chain
-from kd_lab.checkpoints import load_weights
-from kd_lab.ddp import job_scope, patch_lightning_hydra_launcher
-from kd_lab.errors import KDLabError, brief
-from kd_lab.fused_steps import manual_step_overrides
-from kd_lab.loggers import build_loggers, finish_loggers, quiet_lightning_console
-from kd_lab.module import count_parameters
-from kd_lab.results import write_results
-from kd_lab.resume import continue_csv_logs, start_or_resume
-from kd_lab.schema import validate_config
-from kd_lab.teacher_store import resolve_teacher
+from kd_lab.run.chain import is_chain, resolve_chain
+from kd_lab.run.checkpoints import load_weights
+from kd_lab.run.checks.schema import validate_config
+from kd_lab.run.ddp import job_scope, patch_lightning_hydra_launcher
+from kd_lab.run.fused_steps import manual_step_overrides
+from kd_lab.run.loggers import build_loggers, finish_loggers, quiet_lightning_console
+from kd_lab.run.module import count_parameters
+from kd_lab.run.results import write_results
+from kd_lab.run.resume import continue_csv_logs, start_or_resume
+from kd_lab.run.teacher_store import resolve_teacher
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def _test(trainer: L.Trainer, module, datamodule, ckpt_path: str | None, suffix:
 
 def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train one student as ``cfg`` says; returns ``(results, objects)``. ``resume_from``: a checkpoint of this
-    run to continue from (``kd-lab resume=<run dir>``, kd_lab/resume.py)."""
+    run to continue from (``kd-lab resume=<run dir>``, kd_lab/run/resume.py)."""
     start = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
     results: dict[str, Any] = {
@@ -97,7 +97,9 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
         overrides = {"default_root_dir": cfg.trainer.get("default_root_dir") or str(run_dir)}
         if algorithm.manual_optimization and cfg.trainer.get("strategy") == "ddp":
             overrides["strategy"] = "ddp_find_unused_parameters_true"  # each backward touches one player only
-        overrides.update(manual_step_overrides(cfg.trainer, module, datamodule.steps_per_batch))  # kd_lab.fused_steps
+        overrides.update(
+            manual_step_overrides(cfg.trainer, module, datamodule.steps_per_batch)
+        )  # kd_lab.run.fused_steps
         trainer = build_trainer(cfg.trainer, build_callbacks(cfg.get("callbacks")), loggers or False, **overrides)
         for logger in loggers:
             logger.log_hyperparams(results["config"])
