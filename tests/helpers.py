@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from kd_lab.algorithms.base import Algorithm, StepOutputs
+from kd_lab.core.tasks import Classification
 
 
 class NaNAfter(Algorithm):
@@ -66,12 +67,10 @@ class BackwardCounter(L.Callback):
 
 
 # one optimizer step per Lightning batch: for tests that read single batches from a data module, or whose
-# callbacks look at every step's output (perf.steps_per_batch=auto would hand them lists of batches)
-ONE_BATCH = "perf.steps_per_batch=1"
 
 
 class BatchPeeker(L.Callback):
-    """Looks at every training batch: ``perf.steps_per_batch=auto`` must not hand it lists."""
+    """Looks at every training batch."""
 
     def __init__(self) -> None:
         self.sizes: list[int] = []
@@ -82,13 +81,13 @@ class BatchPeeker(L.Callback):
 
 def build_run_module(cfg):
     """``(module, datamodule)`` as ``train`` builds them, with an untrained teacher (seeded: repeatable)."""
-    from kd_lab.run.builders import build, build_datamodule, build_model, build_module
+    from kd_lab.run.assemble import build_run
+    from kd_lab.run.builders import build_datamodule
 
     datamodule = build_datamodule(cfg)
     torch.manual_seed(0)
-    teacher, student = build_model(cfg.teacher.model), build_model(cfg.student.model)
-    module = build_module(cfg, datamodule, student, build(cfg.algorithm), build(cfg.scheme), cfg.optim, [teacher])
-    return module, datamodule
+    run = build_run(cfg, datamodule)
+    return run.module, datamodule
 
 
 def assert_same_results(reference: dict, other: dict, abs_tol: float = 1e-6, protocols=("best", "last")) -> None:
@@ -133,3 +132,8 @@ def write_fake_cifar(root: Path, variant: str = "cifar100", per_file: int = 12, 
         }
         (root / folder / name).write_bytes(pickle.dumps(entry, protocol=2))
     return root
+
+
+def step_outputs(*args, **kwargs) -> StepOutputs:
+    """``StepOutputs`` of a classification step (the task gives the label loss), for tests without a run."""
+    return StepOutputs(*args, task=kwargs.pop("task", Classification(2)), **kwargs)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import step_outputs
 from torch import nn
 
 from kd_lab.algorithms import DKD, AttentionTransfer, BuildContext, FitNet, StepOutputs, kd_loss
@@ -13,10 +14,11 @@ from kd_lab.algorithms.dkd import dkd_terms
 from kd_lab.algorithms.fitnet import Regressor, hint_loss
 from kd_lab.core.recorder import probe_shapes, record
 from kd_lab.core.recorder import resolve_tap as resolve_stage_tap
+from kd_lab.core.tasks import Classification
 from kd_lab.errors import KDLabError
 from kd_lab.models import MLP, CNN1d, CNN2d
 
-CTX = BuildContext(num_classes=10, num_train=100)
+CTX = BuildContext(Classification(10), num_train=100)
 
 
 def _softmax(z: list[float]) -> list[float]:
@@ -36,7 +38,7 @@ def _setup(algorithm, student: nn.Module, teacher: nn.Module, x: torch.Tensor, y
     )
     t_logits, t_feats = record(teacher, algorithm.teacher_taps, x)
     s_logits, s_feats = record(student, algorithm.student_taps, x)
-    return StepOutputs(
+    return step_outputs(
         logits=s_logits, batch={"target": y}, teacher_logits=t_logits, features=s_feats, teacher_features=t_feats
     )
 
@@ -91,7 +93,7 @@ def test_dkd_matches_mdistiller_reference():
     s, t = torch.randn(8, 10, generator=g, dtype=torch.double), 3 * torch.randn(8, 10, generator=g, dtype=torch.double)
     y = torch.randint(0, 10, (8,), generator=g)
     algo = DKD(ce_weight=1.0, alpha=1.0, beta=8.0, temperature=4.0, warmup_epochs=0)
-    terms = algo(StepOutputs(logits=s, batch={"target": y}, teacher_logits=t))
+    terms = algo(step_outputs(logits=s, batch={"target": y}, teacher_logits=t))
     tckd, nckd = _dkd_mdistiller(s, t, y, 1.0, 8.0, 4.0)
     assert set(terms) == {"ce", "tckd", "nckd"}
     assert terms["tckd"].item() == pytest.approx(tckd.item(), rel=1e-9)
@@ -139,7 +141,7 @@ def test_dkd_warmup_factor():
     assert DKD(warmup_epochs=0).warmup_factor == 1.0
     # the factor scales both KD terms, not CE
     g = torch.Generator().manual_seed(3)
-    out = StepOutputs(
+    out = step_outputs(
         logits=torch.randn(4, 6, generator=g),
         batch={"target": torch.tensor([0, 1, 2, 3])},
         teacher_logits=torch.randn(4, 6, generator=g),
@@ -154,9 +156,9 @@ def test_dkd_warmup_factor():
 
 
 def test_dkd_rejects_bad_hyperparameters():
-    with pytest.raises(KDLabError, match="temperature > 0"):
+    with pytest.raises(KDLabError, match=r"algorithm.temperature=.* is out of range: it must be > 0"):
         DKD(temperature=0.0)
-    with pytest.raises(KDLabError, match="warmup_epochs >= 0"):
+    with pytest.raises(KDLabError, match=r"algorithm.warmup_epochs=-1 is out of range: it must be >= 0"):
         DKD(warmup_epochs=-1)
 
 
@@ -269,7 +271,7 @@ def test_fitnet_fixed_seed_reference():
             total += sum((pooled[j] - f_t[n, o, j].item()) ** 2 for j in range(3))
     algo = FitNet(ce_weight=0.0, hint_weight=100.0)
     algo.paths, algo.regressor = ("s", "t"), reg
-    out = StepOutputs(logits=torch.zeros(2, 3), batch={}, features={"s": f_s}, teacher_features={"t": f_t})
+    out = step_outputs(logits=torch.zeros(2, 3), batch={}, features={"s": f_s}, teacher_features={"t": f_t})
     terms = algo(out)
     assert set(terms) == {"hint"}
     assert terms["hint"].item() == pytest.approx(100.0 * total / 12, rel=1e-9)
@@ -439,5 +441,5 @@ def test_attention_rejects_1d_against_2d_maps():
 
 
 def test_attention_rejects_bad_p():
-    with pytest.raises(KDLabError, match="p > 0"):
+    with pytest.raises(KDLabError, match=r"algorithm.p=.* is out of range: it must be > 0"):
         AttentionTransfer(p=0.0)

@@ -5,13 +5,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import step_outputs
 
-from kd_lab.algorithms import Adversarial, BuildContext, CrossModal, MultiTeacher, StepOutputs, kd_loss
+from kd_lab.algorithms import Adversarial, BuildContext, CrossModal, MultiTeacher, kd_loss
 from kd_lab.algorithms.multi_teacher import aggregate
+from kd_lab.core.tasks import Classification
 from kd_lab.errors import KDLabError
 from kd_lab.run.train import train
 
-PAIRED = BuildContext(3, 10, teacher_input_key="teacher_input")  # cross-modal: two inputs
+PAIRED = BuildContext(Classification(3), 10, teacher_input_key="teacher_input")  # cross-modal: two inputs
 
 
 def test_aggregate_golden():
@@ -30,8 +32,8 @@ def test_multi_teacher_with_one_teacher_is_kd():
     s, t, y = torch.randn(5, 4), torch.randn(5, 4), torch.randint(0, 4, (5,))
     algo = MultiTeacher(ce_weight=0.0, kd_weight=1.0, temperature=3.0)
     algo.bind(torch.nn.Identity(), None)
-    algo.build({}, {}, BuildContext(4, 10, all_teacher_shapes=[{}]))
-    out = StepOutputs(logits=s, batch={"target": y}, teacher_logits=t, all_teacher_logits=[t])
+    algo.build({}, {}, BuildContext(Classification(4), 10, all_teacher_shapes=[{}]))
+    out = step_outputs(logits=s, batch={"target": y}, teacher_logits=t, all_teacher_logits=[t])
     assert algo(out)["kd"].item() == pytest.approx(kd_loss(s, t, 3.0).item(), rel=1e-5)
 
 
@@ -49,12 +51,12 @@ def test_multi_teacher_gradcheck_and_config_errors():
         MultiTeacher(aggregation="vote")
     algo = MultiTeacher(aggregation="weights", weights=[1.0])
     with pytest.raises(KDLabError, match="weights has 1 entries for 2 teachers"):
-        algo.build({}, {}, BuildContext(4, 10, all_teacher_shapes=[{}, {}]))
+        algo.build({}, {}, BuildContext(Classification(4), 10, all_teacher_shapes=[{}, {}]))
 
 
 def _adversarial(discriminate: str = "logits") -> Adversarial:
     algo = Adversarial(adv_weight=0.5, kd_weight=0.0, ce_weight=0.0, discriminate=discriminate)
-    algo.build({}, {}, BuildContext(num_classes=3, num_train=10))
+    algo.build({}, {}, BuildContext(Classification(3), num_train=10))
     for p in algo.discriminator.parameters():
         torch.nn.init.zeros_(p)  # D outputs 0: every BCE term is ln 2
     return algo
@@ -62,7 +64,7 @@ def _adversarial(discriminate: str = "logits") -> Adversarial:
 
 def test_adversarial_losses_golden():
     algo = _adversarial()
-    out = StepOutputs(
+    out = step_outputs(
         logits=torch.randn(4, 3), batch={"target": torch.tensor([0, 1, 2, 0])}, teacher_logits=torch.randn(4, 3)
     )
     assert algo.adversary_loss(out)["discriminator"].item() == pytest.approx(2 * math.log(2), rel=1e-6)
@@ -71,16 +73,16 @@ def test_adversarial_losses_golden():
 
 def test_adversarial_gradients_reach_the_right_player():
     algo = Adversarial(adv_weight=1.0)
-    algo.build({}, {}, BuildContext(num_classes=3, num_train=10))
+    algo.build({}, {}, BuildContext(Classification(3), num_train=10))
     s = torch.randn(4, 3, requires_grad=True)
-    out = StepOutputs(logits=s, batch={"target": torch.tensor([0, 1, 2, 0])}, teacher_logits=torch.randn(4, 3))
+    out = step_outputs(logits=s, batch={"target": torch.tensor([0, 1, 2, 0])}, teacher_logits=torch.randn(4, 3))
     algo.adversary_loss(out)["discriminator"].backward()
     assert s.grad is None  # the discriminator's loss does not train the student
     assert all(p.grad is not None for p in algo.discriminator.parameters())
     algo.zero_grad()
     algo(out)["adversarial"].backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
-    assert algo.adversary_parameters() == list(algo.discriminator.parameters())
+    assert algo.adversary().module is algo.discriminator
 
 
 def test_cross_modal_hint_golden_and_gradients():
@@ -89,7 +91,7 @@ def test_cross_modal_hint_golden_and_gradients():
     algo.build({"a": torch.Size([2, 3])}, {"b": torch.Size([2, 3])}, PAIRED)
     e_s = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], requires_grad=True)
     e_t = torch.tensor([[1.0, 0.0, 3.0], [1.0, 1.0, 1.0]])
-    out = StepOutputs(
+    out = step_outputs(
         logits=torch.zeros(2, 3), batch={"target": torch.tensor([0, 1])}, teacher_logits=torch.zeros(2, 3)
     )
     out.features, out.teacher_features = {"a": e_s}, {"b": e_t}

@@ -9,6 +9,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import step_outputs
 
 import kd_lab.algorithms.crd as crd_mod
 from kd_lab.algorithms import CRD, PKT, RKD, SP, BuildContext, StepOutputs
@@ -24,6 +25,7 @@ from kd_lab.algorithms.pkt import cosine_conditional_probabilities, pkt_loss
 from kd_lab.algorithms.rkd import rkd_angle_loss, rkd_angle_potentials, rkd_distance_loss, rkd_distance_potentials
 from kd_lab.algorithms.sp import similarity_matrix, sp_loss
 from kd_lab.core.recorder import probe_shapes, record
+from kd_lab.core.tasks import Classification
 from kd_lab.errors import KDLabError
 from kd_lab.models import MLP, CNN1d
 
@@ -139,7 +141,7 @@ def test_rkd_matches_loop_reference():
     # the algorithm weights the two terms
     algo = RKD(ce_weight=0.0, rkd_weight=2.0, distance_weight=25.0, angle_weight=50.0)
     algo.paths = ("s", "t")
-    out = StepOutputs(logits=torch.zeros(5, 2), batch={}, features={"s": fs}, teacher_features={"t": ft})
+    out = step_outputs(logits=torch.zeros(5, 2), batch={}, features={"s": fs}, teacher_features={"t": ft})
     terms = algo(out)
     assert terms["rkd_distance"].item() == pytest.approx(50 * loss_d, rel=1e-5)
     assert terms["rkd_angle"].item() == pytest.approx(100 * loss_a, rel=1e-5)
@@ -197,7 +199,7 @@ def test_pkt_matches_loop_reference_and_weight():
     assert pkt_loss(fs, ft).item() == pytest.approx(expected, rel=1e-5)
     algo = PKT(ce_weight=0.0, pkt_weight=30000.0)
     algo.paths = ("s", "t")
-    out = StepOutputs(logits=torch.zeros(6, 2), batch={}, features={"s": fs}, teacher_features={"t": ft})
+    out = step_outputs(logits=torch.zeros(6, 2), batch={}, features={"s": fs}, teacher_features={"t": ft})
     assert algo(out)["pkt"].item() == pytest.approx(30000 * expected, rel=1e-5)
 
 
@@ -278,7 +280,9 @@ def _crd(num_train=40, num_classes=4, d_s=6, d_t=10, seed=0, **kwargs) -> CRD:
     algo.paths = ("s", "t")
     targets = torch.arange(num_train) % num_classes
     algo.build(
-        {"s": torch.Size([2, d_s])}, {"t": torch.Size([2, d_t, 1])}, BuildContext(num_classes, num_train, targets)
+        {"s": torch.Size([2, d_s])},
+        {"t": torch.Size([2, d_t, 1])},
+        BuildContext(Classification(num_classes), num_train, targets),
     )
     return algo
 
@@ -286,7 +290,7 @@ def _crd(num_train=40, num_classes=4, d_s=6, d_t=10, seed=0, **kwargs) -> CRD:
 def _crd_batch(index, d_s=6, d_t=10, seed=1) -> StepOutputs:
     g = torch.Generator().manual_seed(seed)
     n = len(index)
-    return StepOutputs(
+    return step_outputs(
         logits=torch.zeros(n, 4),
         batch={"target": index % 4, "index": index},
         features={"s": torch.randn(n, d_s, generator=g, requires_grad=True)},
@@ -313,8 +317,8 @@ def test_crd_caps_nce_k_and_rejects_missing_targets(caplog):
     algo = CRD()
     algo.paths = ("s", "t")
     with pytest.raises(KDLabError, match="train_targets"):
-        algo.build({"s": torch.Size([2, 3])}, {"t": torch.Size([2, 3])}, BuildContext(4, 40))
-    with pytest.raises(KDLabError, match="nce_t > 0"):
+        algo.build({"s": torch.Size([2, 3])}, {"t": torch.Size([2, 3])}, BuildContext(Classification(4), 40))
+    with pytest.raises(KDLabError, match=r"algorithm.nce_t=.* is out of range: it must be > 0"):
         CRD(nce_t=0.0)
 
 
@@ -396,12 +400,12 @@ def test_gradients_reach_student_not_teacher(algo_cls, student_cls):
     algo.build(
         probe_shapes(student, algo.student_taps, x[:2]),
         probe_shapes(teacher, algo.teacher_taps, x[:2]),
-        BuildContext(4, 32, targets),
+        BuildContext(Classification(4), 32, targets),
     )
     index = torch.arange(0, 32, 4)
     logits_t, feats_t = record(teacher, algo.teacher_taps, x[index])  # with grad: the algorithm must detach
     logits, feats = record(student, algo.student_taps, x[index])
-    out = StepOutputs(logits, {"input": x[index], "target": targets[index], "index": index}, logits_t, feats, feats_t)
+    out = step_outputs(logits, {"input": x[index], "target": targets[index], "index": index}, logits_t, feats, feats_t)
     terms = algo(out)
     distill = {k: v for k, v in terms.items() if k != "ce"}
     assert distill and all(torch.isfinite(v) and v > 0 for v in distill.values())

@@ -108,13 +108,17 @@ def test_mistyped_value_names_the_expected_type(make_cfg, on_disk):
     [
         ("algorithm.temperature=-1", "algorithm.temperature=-1 is out of range: it must be > 0"),
         ("algorithm.temperature=0", "algorithm.temperature=0 is out of range: it must be > 0"),
-        ("algorithm.kd_weight=-0.5", "algorithm.kd_weight=-0.5 is out of range: it must be >= 0 (a loss weight"),
+        ("algorithm.kd_weight=-0.5", "algorithm.kd_weight=-0.5 is out of range: it must be >= 0 and finite"),
         ("optim.optimizer.lr=0", "optim.optimizer.lr=0 is out of range: it must be > 0 (the learning rate)"),
         ("teacher.optim.optimizer.lr=-1", "teacher.optim.optimizer.lr=-1 is out of range: it must be > 0"),
         ("optim.optimizer.weight_decay=-1e-4", "optim.optimizer.weight_decay=-0.0001 is out of range: it must be >= 0"),
         ("data.batch_size=0", "data.batch_size=0 is out of range: it must be >= 1"),
         ("trainer.max_epochs=0", "trainer.max_epochs=0 is out of range: it must be >= 1"),
         ("seed=-1", "seed=-1 is out of range: it must be in [0, 2**32 - 1]"),
+        # every float bound rejects inf and nan (a NaN loss at step 0 otherwise, after a teacher was trained)
+        ("algorithm.temperature=inf", "algorithm.temperature=inf is out of range: it must be > 0 and finite"),
+        ("algorithm.kd_weight=nan", "algorithm.kd_weight=nan is out of range: it must be >= 0 and finite"),
+        ("optim.optimizer.lr=inf", "optim.optimizer.lr=inf is out of range: it must be > 0 (the learning rate)"),
     ],
 )
 def test_value_out_of_range(make_cfg, on_disk, override, expected):

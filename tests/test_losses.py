@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import step_outputs
 
-from kd_lab.algorithms import KD, NoDistillation, StepOutputs, cross_entropy, kd_loss
+from kd_lab.algorithms import KD, NoDistillation, kd_loss
+from kd_lab.core.tasks import cross_entropy
 from kd_lab.errors import KDLabError
 
 
@@ -71,7 +73,7 @@ def test_kd_loss_gradcheck():
 def test_kd_algorithm_weights_terms():
     torch.manual_seed(0)
     s, t, y = torch.randn(6, 10), torch.randn(6, 10), torch.randint(0, 10, (6,))
-    out = StepOutputs(logits=s, batch={"target": y}, teacher_logits=t)
+    out = step_outputs(logits=s, batch={"target": y}, teacher_logits=t)
     terms = KD(ce_weight=0.1, kd_weight=0.9, temperature=4.0)(out)
     assert set(terms) == {"ce", "kd"}
     assert terms["ce"].item() == pytest.approx(0.1 * F.cross_entropy(s, y).item(), rel=1e-6)
@@ -81,7 +83,7 @@ def test_kd_algorithm_weights_terms():
 def test_kd_gradients_reach_student_only():
     s = torch.randn(4, 3, requires_grad=True)
     t = torch.randn(4, 3, requires_grad=True)
-    out = StepOutputs(logits=s, batch={"target": torch.tensor([0, 1, 2, 0])}, teacher_logits=t.detach())
+    out = step_outputs(logits=s, batch={"target": torch.tensor([0, 1, 2, 0])}, teacher_logits=t.detach())
     sum(KD()(out).values()).backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
     assert t.grad is None
@@ -89,7 +91,7 @@ def test_kd_gradients_reach_student_only():
 
 def test_vanilla_is_cross_entropy():
     s, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
-    terms = NoDistillation()(StepOutputs(logits=s, batch={"target": y}))
+    terms = NoDistillation()(step_outputs(logits=s, batch={"target": y}))
     assert set(terms) == {"ce"}
     assert terms["ce"].item() == pytest.approx(F.cross_entropy(s, y).item(), rel=1e-6)
 
@@ -103,5 +105,5 @@ def test_mixup_cross_entropy_golden():
 
 
 def test_kd_rejects_non_positive_temperature():
-    with pytest.raises(KDLabError, match="temperature must be > 0"):
+    with pytest.raises(KDLabError, match=r"algorithm.temperature=.* is out of range: it must be > 0"):
         KD(temperature=0.0)

@@ -96,15 +96,16 @@ def test_bad_tap_path_fails_at_build_time(make_cfg):
         def student_taps(self):
             return ["layer.0"]
 
+    from kd_lab.core.step import DistillationStep
+    from kd_lab.core.tasks import Classification
     from kd_lab.run.builders import build_datamodule, build_model
-    from kd_lab.run.module import DistillationModule
     from kd_lab.schemes import Offline
 
     cfg = make_cfg()
     dm = build_datamodule(cfg)
     with pytest.raises(KDLabError, match=r"student \(MLP\) has no module at path 'layer.0'.*'layers.0'"):
-        DistillationModule(
-            build_model(cfg.student.model), TapsHint(), Offline(), torch.optim.SGD, dm.example_input(), 10,
+        DistillationStep(
+            build_model(cfg.student.model), TapsHint(), Offline(), Classification(10), dm.example_input(),
             teachers=[build_model(cfg.teacher.model)],
         )  # fmt: skip
 

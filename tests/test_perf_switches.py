@@ -5,8 +5,9 @@ import json
 
 import pytest
 import torch
-from helpers import ONE_BATCH, build_run_module
+from helpers import build_run_module
 
+from kd_lab.core.step import StepPlan
 from kd_lab.errors import KDLabError
 from kd_lab.run.train import train
 
@@ -22,23 +23,23 @@ def test_bf16_mixed_precision_runs(make_cfg):
 def test_channels_last_formats_models_and_image_batches(make_cfg):
     results, objects = train(make_cfg(*IMAGES, "perf.channels_last=true", *FAST_DEV))
     module = objects["module"]
-    assert results["status"] == "finished" and module.channels_last
+    assert results["status"] == "finished" and module.step.plan.channels_last
     for model in (module.student, module.teacher):
         conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
         assert conv.weight.is_contiguous(memory_format=torch.channels_last)
-    x = module._model_input({"input": torch.randn(2, 3, 8, 8)}, "input")  # 3 channels: NHWC != NCHW
+    x = module.step.model_input({"input": torch.randn(2, 3, 8, 8)}, "input")  # 3 channels: NHWC != NCHW
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 @pytest.mark.parametrize("algorithm", ["kd", "fitnet"])
 def test_teacher_inference_mode_gives_the_no_grad_loss_and_trains(make_cfg, algorithm):
-    cfg = make_cfg(f"algorithm={algorithm}", "perf.teacher_inference_mode=true", ONE_BATCH)
+    cfg = make_cfg(f"algorithm={algorithm}", "perf.teacher_inference_mode=true")
     module, datamodule = build_run_module(cfg)
     batch = next(iter(datamodule.train_dataloader()))
-    inference = module._terms(module._step_outputs(batch, with_teacher=True))
+    inference = module.step.training_terms(batch)
     sum(inference.values()).backward()  # inference tensors saved for backward would raise here
-    module.teacher_inference_mode = False
-    no_grad = module._terms(module._step_outputs(batch, with_teacher=True))
+    module.step.plan = StepPlan(teacher_inference_mode=False)
+    no_grad = module.step.training_terms(batch)
     assert {k: float(v.detach()) for k, v in inference.items()} == {k: float(v.detach()) for k, v in no_grad.items()}
     results, _ = train(cfg)
     assert results["status"] == "finished"
@@ -75,5 +76,5 @@ def test_compile_with_inductor_runs(make_cfg):
 
 
 def test_a_misspelt_perf_key_is_an_error(make_cfg):
-    with pytest.raises(KDLabError, match=r"unknown key perf\.cache_teachr: did you mean perf\.cache_teacher\?"):
+    with pytest.raises(KDLabError, match=r"unknown key perf\.cache_teachr=True: .* did you mean perf\.cache_teacher\?"):
         train(make_cfg("+perf.cache_teachr=true"))

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import step_outputs
 
 from kd_lab.algorithms import BYOT, BuildContext, Codistillation, StepOutputs
 from kd_lab.core.recorder import probe_shapes, record
+from kd_lab.core.tasks import Classification
 from kd_lab.errors import KDLabError
 from kd_lab.models import CNN1d
 from kd_lab.run.train import train
@@ -42,16 +44,16 @@ def test_online_teacher_learns_and_is_checkpointed(make_cfg, tmp_path):
 
 def _online_teacher_before_and_after(cfg, monkeypatch) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The online teacher's parameters when the module is built and after ``train(cfg)``."""
-    import kd_lab.run.train as train_module
+    import kd_lab.run.assemble as assemble
 
-    original, before = train_module.build_module, []
+    original, before = assemble.build_module, []
 
     def spy(*args, **kwargs):
         module = original(*args, **kwargs)
         before.extend(_params(module.teachers[0]))
         return module
 
-    monkeypatch.setattr(train_module, "build_module", spy)
+    monkeypatch.setattr(assemble, "build_module", spy)
     _, objs = train(cfg)
     return before, _params(objs["module"].teachers[0])
 
@@ -73,7 +75,7 @@ def test_online_teacher_terms_golden():
     # teacher logits [ln 3, 0] vs label 0: CE = -ln(3/4); student [0, 0] detached: KD(T=1) of teacher toward it
     z_t = torch.tensor([[math.log(3.0), 0.0]], requires_grad=True)
     z_s = torch.tensor([[0.0, 0.0]], requires_grad=True)
-    out = StepOutputs(logits=z_s, batch={"target": torch.tensor([0])}, live_teacher_logits=[z_t])
+    out = step_outputs(logits=z_s, batch={"target": torch.tensor([0])}, live_teacher_logits=[z_t])
     terms = Online(teacher_ce_weight=2.0, teacher_kd_weight=0.5, temperature=1.0).teacher_terms(out)
     assert terms["teacher_ce"].item() == pytest.approx(-2.0 * math.log(0.75), rel=1e-6)
     # KL(p_s || p_t) with p_s = [1/2, 1/2], p_t = [3/4, 1/4]
@@ -91,7 +93,7 @@ def test_online_rejects_negative_weights():
 
 # -- codistillation --------------------------------------------------------------------------------------
 def _cohort_outputs(logits: list[torch.Tensor], target: torch.Tensor) -> StepOutputs:
-    return StepOutputs(logits=logits[0], batch={"target": target, "input": torch.zeros(len(target), 1)},
+    return step_outputs(logits=logits[0], batch={"target": target, "input": torch.zeros(len(target), 1)},
                        live_teacher_logits=logits[1:])  # fmt: skip
 
 
@@ -102,7 +104,7 @@ def test_codistillation_loss_golden_and_gradients():
     algo = Codistillation(peers=3, ce_weight=1.0, kl_weight=0.5, temperature=2.0)
     algo.bind(torch.nn.Identity(), None)
     algo.bind_teachers([torch.nn.Identity(), torch.nn.Identity()])
-    algo.build({}, {}, BuildContext(5, 0))
+    algo.build({}, {}, BuildContext(Classification(5), 0))
     terms = algo(_cohort_outputs(z, y))
     assert set(terms) == {"ce", "kl", "peer1_ce", "peer1_kl", "peer2_ce", "peer2_kl"}
 
@@ -147,13 +149,13 @@ def test_codistillation_stale_copies_refresh_every_k_steps():
     algo = Codistillation(peers=2, stale_every=2)
     algo.bind(student, None)
     algo.bind_teachers([peer])
-    algo.build({}, {}, BuildContext(4, 0))
+    algo.build({}, {}, BuildContext(Classification(4), 0))
     x, y = torch.randn(6, 3), torch.randint(0, 4, (6,))
     opt = torch.optim.SGD([*student.parameters(), *peer.parameters()], lr=0.5)
     refreshed = None
     for step in range(5):
         live = student.weight.detach().clone()
-        out = StepOutputs(logits=student(x), batch={"input": x, "target": y}, live_teacher_logits=[peer(x)])
+        out = step_outputs(logits=student(x), batch={"input": x, "target": y}, live_teacher_logits=[peer(x)])
         sum(algo(out).values()).backward()
         if step % 2 == 0:  # refreshed from the live weights at steps 0, 2, 4
             refreshed = live
@@ -170,11 +172,11 @@ def test_codistillation_stale_phase_follows_a_loaded_step_count():
     algo = Codistillation(peers=2, stale_every=2)
     algo.bind(student, None)
     algo.bind_teachers([peer])
-    algo.build({}, {}, BuildContext(4, 0))
+    algo.build({}, {}, BuildContext(Classification(4), 0))
     x, y = torch.randn(6, 3), torch.randint(0, 4, (6,))
 
     def step() -> None:
-        algo(StepOutputs(logits=student(x), batch={"input": x, "target": y}, live_teacher_logits=[peer(x)]))
+        algo(step_outputs(logits=student(x), batch={"input": x, "target": y}, live_teacher_logits=[peer(x)]))
 
     step()  # step 0: refreshed; the host count is now 1
     algo.load_state_dict({**algo.state_dict(), "steps": torch.tensor(4)})  # as a resume at step 4 would
@@ -193,7 +195,7 @@ def test_codistillation_stale_phase_follows_a_loaded_step_count():
 def _byot(student: torch.nn.Module, x: torch.Tensor, **kwargs) -> BYOT:
     algo = BYOT(**kwargs)
     algo.bind(student, None)
-    algo.build(probe_shapes(student, algo.student_taps, x), {}, BuildContext(10, 0))
+    algo.build(probe_shapes(student, algo.student_taps, x), {}, BuildContext(Classification(10), 0))
     return algo
 
 
@@ -203,7 +205,7 @@ def test_byot_loss_golden_and_gradients():
     x, y = torch.randn(5, 1, 40), torch.randint(0, 10, (5,))
     algo = _byot(student, x, ce_weight=0.9, kd_weight=0.1, hint_weight=0.05, temperature=3.0)
     logits, feats = record(student, algo.student_taps, x)
-    terms = algo(StepOutputs(logits=logits, batch={"target": y}, features=feats))
+    terms = algo(step_outputs(logits=logits, batch={"target": y}, features=feats))
     # by hand: exits at blocks.0 and blocks.1, each bottleneck -> classifier, against the deepest output
     deep, embedding = logits.detach(), feats["pool"].flatten(1).detach()
     ce, kd, hint = 0.0, 0.0, 0.0
@@ -263,15 +265,15 @@ def test_export_exit_cli_writes_a_plain_model(make_cfg, tmp_path, capsys):
     module, datamodule = load_run(tmp_path / "run")
     module.eval()
     x = datamodule.example_input("input")
-    with module.student_recorder:
+    with module.step.student_recorder:
         module.student(x)
-    inside = module.algorithm.exit_logits(module.student_recorder.features)["exit1"]
+    inside = module.algorithm.exit_logits(module.step.student_recorder.features)["exit1"]
     torch.testing.assert_close(plain(x), inside)
 
 
 # -- chains: teacher assistant, born-again ---------------------------------------------------------------
 def test_teacher_assistant_chain_caches_stages_and_resumes(make_cfg, tmp_path):
-    overrides = ("algorithm=teacher_assistant", "algorithm.assistants=[mlp_medium,mlp_small]", "student=mlp_small",
+    overrides = ("chain=teacher_assistant", "chain.assistants=[mlp_medium,mlp_small]", "student=mlp_small",
                  "debug=fdr")  # fmt: skip
     first, _ = train(make_cfg(*overrides))
     assert [(s["stage"], s["reused"]) for s in first["chain"]] == [
@@ -282,7 +284,7 @@ def test_teacher_assistant_chain_caches_stages_and_resumes(make_cfg, tmp_path):
     assert [s["reused"] for s in second["chain"]] == [True, True]
     # the run's teacher is the last assistant, loaded from its cache entry
     assert second["teacher"]["source"] == "checkpoint" and second["teacher"]["name"] == "mlp_small"
-    assert second["names"]["algorithm"] == "teacher_assistant"
+    assert second["names"]["chain"] == "teacher_assistant"
     # an interrupted chain: the second stage never finished (only its staging directory exists)
     last = second["chain"][1]["path"]
     shutil.move(last, Path(last).with_name("." + Path(last).name + ".tmp-killed"))
@@ -291,7 +293,7 @@ def test_teacher_assistant_chain_caches_stages_and_resumes(make_cfg, tmp_path):
 
 
 def test_born_again_generations(make_cfg):
-    results, objs = train(make_cfg("scheme=self", "algorithm=born_again", "algorithm.generations=2", "debug=fdr"))
+    results, objs = train(make_cfg("chain=born_again", "chain.generations=2", "debug=fdr"))
     assert [s["stage"] for s in results["chain"]] == ["gen0-mlp_small", "gen1-mlp_small"]
     assert results["chain"][0]["metrics"]["test/acc"] >= 0.0
     # the run's teacher is generation 1: same architecture, frozen, weights from its cache entry

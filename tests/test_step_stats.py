@@ -5,7 +5,6 @@ bad step and its terms."""
 import lightning as L
 import pytest
 import torch
-from helpers import ONE_BATCH
 
 from kd_lab.core.step_stats import EpochSums, FiniteGuard, stack_terms
 from kd_lab.errors import NonFiniteLossError
@@ -25,7 +24,7 @@ class StepLosses(L.Callback):
 
 def test_logged_train_loss_is_the_weighted_mean_of_the_steps(make_cfg, monkeypatch):
     recorder, means = StepLosses(), []
-    cfg = make_cfg("data.num_train=250", ONE_BATCH)  # 187 training samples: the last batch is dropped, sizes stay equal
+    cfg = make_cfg("data.num_train=250")  # 187 training samples: the last batch is dropped, sizes stay equal
 
     class Probe(L.Callback):
         def on_train_epoch_end(self, trainer, module):

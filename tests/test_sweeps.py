@@ -11,7 +11,9 @@ from helpers import TINY, run_kd_lab
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from kd_lab import short_name
 from kd_lab.run.train import CONFIG_DIR
+from kd_lab.tools.compare import find_results, summarize
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,6 +40,59 @@ def test_joblib_runs_jobs_in_parallel_processes_and_records_failures(tmp_path):
         (10, "finished"),
     ]
     assert "KDLabError" in next(r["error"] for r in runs if r["status"] == "failed")
+
+
+# twelve overrides, each 30+ characters as Hydra writes it into override_dirname (floats print short:
+# 4.000000 is 4.0, so the length is in the keys and strings); one of them is the sweep's comma list
+LONG_OVERRIDES = [
+    "experiment_name=kd_lab_sweep_with_many_long_overrides",
+    "run_name=kd_mlp_small_from_mlp_large_long_sweep",
+    "student.name=mlp_small_student_with_a_long_name",
+    "student.model.hidden=[32,32,32]",
+    "teacher.model.hidden=[256,256]",
+    "teacher.optim.optimizer.lr=0.002",
+    "teacher.optim.optimizer.weight_decay=0.0001",
+    "teacher.optim.scheduler.warmup_epochs=0",
+    "optim.optimizer.weight_decay=0.0001,0.001",  # the sweep: 2 jobs
+    "optim.scheduler.warmup_epochs=0",
+    "trainer.enable_model_summary=false",
+    "perf.teacher_inference_mode=false",
+]
+
+
+def test_short_name_bounds_and_separates_long_names():
+    assert short_name("algorithm=kd,seed=1") == "algorithm=kd,seed=1"  # short lists stay readable
+    assert short_name("ckpt_path=/a/b.ckpt") == "ckpt_path=_a_b.ckpt"  # one directory level, never nested
+    a, b = short_name("x" * 300 + "a"), short_name("x" * 300 + "b")
+    assert len(a) == len(b) == 64 and a != b and a.startswith("x" * 55 + "-")
+
+
+@pytest.mark.slow
+def test_a_grid_of_long_overrides_gets_bounded_job_dirs_and_compares_by_config(tmp_path):
+    """Hydra's ``<num>_<override_dirname>`` made a 400+ character name here (Errno 36: File name too long);
+    kd-lab's job dirs are the number and at most 64 characters, the full overrides stay in .hydra/ and
+    kd-lab-compare groups the jobs by their results.json config, not by their directory names."""
+    run_kd_lab(tmp_path, "-m", "debug=fdr", *TINY, *LONG_OVERRIDES)
+    sweep = the_sweep(tmp_path)
+    assert len(sweep.name) <= len("2000-01-01_00-00-00_") + 64
+    jobs = sorted(job for job in sweep.iterdir() if job.is_dir())
+    assert [job.name.split("_")[0] for job in jobs] == ["0", "1"]
+    for job in jobs:
+        assert len(job.name) <= 2 + 64, job.name
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        assert len(",".join(overrides)) > 255  # what the job dir used to be named after
+        assert all(len(o) >= 30 for o in overrides if o.split("=")[0] in {x.split("=")[0] for x in LONG_OVERRIDES})
+        assert len(overrides) == len(TINY) + len(LONG_OVERRIDES) + 1  # + debug=fdr
+    runs = job_results(sweep)
+    assert [r["status"] for r in runs] == ["finished", "finished"]
+    assert sorted(r["config"]["optim"]["optimizer"]["weight_decay"] for r in runs) == [0.0001, 0.001]
+
+    rows, problems = summarize(find_results([str(sweep)]))
+    assert problems == []
+    assert sorted((r["student"], r["algorithm"], r["setting"], r["seeds"]) for r in rows) == [
+        ("mlp_small_student_with_a_long_name", "kd", "optim.optimizer.weight_decay=0.0001", 1),
+        ("mlp_small_student_with_a_long_name", "kd", "optim.optimizer.weight_decay=0.001", 1),
+    ]
 
 
 def optuna_trials(db: Path) -> list[tuple[str, float | None, dict[str, float]]]:

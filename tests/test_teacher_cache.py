@@ -3,7 +3,7 @@ step, the teacher is not called again once the cache is filled, and the cache is
 
 import pytest
 import torch
-from helpers import ONE_BATCH, assert_same_results, build_run_module
+from helpers import assert_same_results, build_run_module
 
 from kd_lab.errors import KDLabError
 from kd_lab.run.train import train
@@ -17,36 +17,36 @@ def count_calls(model: torch.nn.Module) -> list[int]:
 
 @pytest.mark.parametrize("algorithm", ["kd", "fitnet"])  # logits only, and a tapped teacher feature
 def test_cached_and_uncached_give_the_same_loss(make_cfg, algorithm):
-    module, datamodule = build_run_module(make_cfg(f"algorithm={algorithm}", "perf.cache_teacher=true", ONE_BATCH))
+    module, datamodule = build_run_module(make_cfg(f"algorithm={algorithm}", "perf.cache_teacher=true"))
     batch = next(iter(datamodule.train_dataloader()))
     module.train()
-    cache, module.teacher_cache = module.teacher_cache, None
-    uncached = module._terms(module._step_outputs(batch, with_teacher=True))
-    module.teacher_cache = cache
-    cached = module._terms(module._step_outputs(batch, with_teacher=True))
+    cache, module.step.teacher_cache = module.step.teacher_cache, None
+    uncached = module.step.training_terms(batch)
+    module.step.teacher_cache = cache
+    cached = module.step.training_terms(batch)
     assert cache.filled and uncached.keys() == cached.keys()
     for name in uncached:
         assert float(cached[name].detach()) == pytest.approx(float(uncached[name].detach()), abs=1e-6), name
 
 
 def test_teacher_forward_is_not_called_after_the_cache_is_filled(make_cfg):
-    module, datamodule = build_run_module(make_cfg("perf.cache_teacher=true", ONE_BATCH))
+    module, datamodule = build_run_module(make_cfg("perf.cache_teacher=true"))
     calls = count_calls(module.teacher)
     batches = list(datamodule.train_dataloader())
     module.train()
-    module._step_outputs(batches[0], with_teacher=True)
+    module.step.outputs(batches[0], with_teacher=True)
     filled = calls[0]
     assert filled == -(-datamodule.num_train // datamodule.eval_batch_size)  # one pass over the training set
-    assert module.teacher_cache.nbytes == datamodule.num_train * datamodule.num_classes * 4  # KD: fp32 logits only
+    assert module.step.teacher_cache.nbytes == datamodule.num_train * datamodule.num_classes * 4  # KD: fp32 logits only
     for batch in batches[1:]:
-        module._step_outputs(batch, with_teacher=True)
+        module.step.outputs(batch, with_teacher=True)
     assert calls[0] == filled and len(batches) > 1
 
 
 def test_a_short_run_gives_the_same_metrics_cached_or_not(make_cfg):
     uncached, _ = train(make_cfg(run="uncached"))
     cached, objects = train(make_cfg("perf.cache_teacher=true", run="cached"))
-    assert objects["module"].teacher_cache.filled
+    assert objects["module"].step.teacher_cache.filled
     assert_same_results(uncached, cached, abs_tol=1e-5)
 
 

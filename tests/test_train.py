@@ -20,6 +20,7 @@ def test_results_json_records_the_run(make_cfg, tmp_path):
         "student": "mlp_small",
         "algorithm": "kd",
         "scheme": "offline",
+        "task": "classification",
     }
     for protocol in ("best", "last"):
         for key in ("test/acc", "test/teacher_acc", "test/agreement", "test/kl_to_teacher", "epoch"):

@@ -2,7 +2,7 @@
 
 from kd_lab.algorithms.adversarial import Adversarial
 from kd_lab.algorithms.attention import AttentionTransfer
-from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs, cross_entropy
+from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs
 from kd_lab.algorithms.byot import BYOT
 from kd_lab.algorithms.codistillation import Codistillation
 from kd_lab.algorithms.crd import CRD
@@ -14,6 +14,7 @@ from kd_lab.algorithms.multi_teacher import MultiTeacher
 from kd_lab.algorithms.none import NoDistillation
 from kd_lab.algorithms.pkt import PKT
 from kd_lab.algorithms.rkd import RKD
+from kd_lab.algorithms.soft_targets import kd_term
 from kd_lab.algorithms.sp import SP
 
 __all__ = [
@@ -34,6 +35,6 @@ __all__ = [
     "MultiTeacher",
     "NoDistillation",
     "StepOutputs",
-    "cross_entropy",
     "kd_loss",
+    "kd_term",
 ]

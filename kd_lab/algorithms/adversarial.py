@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs
+from kd_lab.algorithms.base import Adversary, Algorithm, BuildContext, StepOutputs
 from kd_lab.algorithms.embedding import flat, flat_dim, linear_connector
-from kd_lab.algorithms.kd import kd_loss
+from kd_lab.algorithms.soft_targets import kd_term
+from kd_lab.core.bounds import AtLeastOne, NonNegative, Positive
 from kd_lab.core.recorder import resolve_tap
 from kd_lab.errors import KDLabError
 
@@ -28,7 +29,7 @@ from kd_lab.errors import KDLabError
 class Discriminator(nn.Module):
     """MLP on [sample, one-hot label] -> one real/fake logit per sample."""
 
-    def __init__(self, in_dim: int, num_classes: int, hidden: int):
+    def __init__(self, in_dim: int, num_classes: int, hidden: AtLeastOne):
         super().__init__()
         self.num_classes = num_classes
         self.net = nn.Sequential(
@@ -45,26 +46,24 @@ class Discriminator(nn.Module):
 
 class Adversarial(Algorithm):
     name = "adversarial"
-    manual_optimization = True
+    schemes = frozenset({"offline", "online"})
 
     def __init__(
         self,
-        ce_weight: float = 1.0,
-        kd_weight: float = 1.0,
-        temperature: float = 4.0,
-        adv_weight: float = 0.5,
+        ce_weight: NonNegative = 1.0,
+        kd_weight: NonNegative = 1.0,
+        temperature: Positive = 4.0,
+        adv_weight: NonNegative = 0.5,
         discriminate: str = "logits",
-        hidden: int = 128,
-        lr: float = 1e-3,
+        hidden: AtLeastOne = 128,
+        lr: Positive = 1e-3,
         betas: tuple[float, float] = (0.5, 0.999),
-        adversary_steps: int = 1,
-        adversary_every: int = 1,
+        adversary_steps: AtLeastOne = 1,
+        adversary_every: AtLeastOne = 1,
     ):
         super().__init__(ce_weight)
         if discriminate not in ("logits", "embedding"):
             raise KDLabError(f"algorithm.discriminate='{discriminate}' is unknown; pick logits or embedding.")
-        if adversary_steps < 0 or adversary_every < 1:
-            raise KDLabError("algorithm.adversary_steps must be >= 0 and algorithm.adversary_every >= 1.")
         self.kd_weight, self.temperature, self.adv_weight = kd_weight, temperature, adv_weight
         self.discriminate, self.hidden, self.lr, self.betas = discriminate, hidden, lr, tuple(betas)
         self.adversary_steps, self.adversary_every = adversary_steps, adversary_every
@@ -87,8 +86,8 @@ class Adversarial(Algorithm):
             self.connector = linear_connector(student_shapes[self.paths[0]], teacher_shapes[self.paths[1]])
             dim = flat_dim(teacher_shapes[self.paths[1]])
         else:
-            dim = context.num_classes
-        self.discriminator = Discriminator(dim, context.num_classes, self.hidden)
+            dim = context.task.num_classes
+        self.discriminator = Discriminator(dim, context.task.num_classes, self.hidden)
 
     def _views(self, out: StepOutputs) -> tuple[Tensor, Tensor]:
         """(teacher sample, student sample) as the discriminator sees them."""
@@ -97,11 +96,14 @@ class Adversarial(Algorithm):
             return F.softmax(out.teacher_logits / t, -1), F.softmax(out.logits / t, -1)
         return flat(out.teacher_features[self.paths[1]]), self.connector(flat(out.features[self.paths[0]]))
 
-    def adversary_parameters(self) -> list[nn.Parameter]:
-        return list(self.discriminator.parameters())
-
-    def adversary_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.discriminator.parameters(), lr=self.lr, betas=self.betas)
+    def adversary(self) -> Adversary:
+        return Adversary(
+            self.discriminator,
+            lambda params: torch.optim.Adam(params, lr=self.lr, betas=self.betas),
+            self.adversary_loss,
+            self.adversary_steps,
+            self.adversary_every,
+        )
 
     def adversary_loss(self, out: StepOutputs) -> dict[str, Tensor]:
         real, fake = self._views(out)
@@ -114,7 +116,7 @@ class Adversarial(Algorithm):
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         terms = self.ce_term(out)
         if self.kd_weight:
-            terms["kd"] = self.kd_weight * kd_loss(out.logits, out.teacher_logits, self.temperature)
+            terms["kd"] = self.kd_weight * kd_term(out, out.logits, out.teacher_logits, self.temperature)
         _, fake = self._views(out)
         d_fake = self.discriminator(fake, out.target)
         terms["adversarial"] = self.adv_weight * F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs
+from kd_lab.core.bounds import NonNegative, Positive
 from kd_lab.core.recorder import TapSpec, resolve_tap
 from kd_lab.errors import KDLabError
 
@@ -84,18 +85,17 @@ def _stage_paths(model: nn.Module, specs: list[TapSpec] | None, role: str) -> li
 
 class AttentionTransfer(Algorithm):
     name = "attention"
+    schemes = frozenset({"offline", "online"})
 
     def __init__(
         self,
-        ce_weight: float = 1.0,
-        at_weight: float = 10.0,
-        p: float = 2.0,
+        ce_weight: NonNegative = 1.0,
+        at_weight: NonNegative = 10.0,
+        p: Positive = 2.0,
         student_taps: list[TapSpec] | None = None,
         teacher_taps: list[TapSpec] | None = None,
     ):
         super().__init__(ce_weight)
-        if p <= 0:
-            raise KDLabError(f"algorithm=attention needs p > 0, got {p}; the paper uses 2.")
         self.at_weight, self.p = at_weight, p
         self.tap_specs = (
             None if student_taps is None else list(student_taps),

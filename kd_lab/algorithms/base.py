@@ -6,13 +6,22 @@ An algorithm is an ``nn.Module`` that
   3. maps one step's recorded outputs to a dict of named, already weighted loss terms; their sum is the
      loss, and each is logged as ``train/loss_<name>``.
 Its parameters are trained with the student. Its hyperparameters come from ``conf/algorithm/<name>.yaml``.
+
+An algorithm registers itself by what its class declares: ``schemes`` (the schemes it runs under) and
+``task_kinds`` (the tasks whose outputs it understands). The compatibility table of ``kd_lab.schemes`` is
+derived from them. Value bounds live in the constructor's signature (``kd_lab.core.bounds``): the checks
+before compute read them, and a direct construction in Python checks them too.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kd_lab.core.bounds import NonNegative, install_bound_checks
+from kd_lab.core.tasks.base import Task
+from kd_lab.errors import KDLabError
 
 
 @dataclass
@@ -29,17 +38,36 @@ class StepOutputs:
     # Teachers that learn (online scheme): their logits with gradients. The fields above then hold detached
     # copies, so a distillation term never pushes the teacher toward the student by accident.
     live_teacher_logits: list[Tensor] = field(default_factory=list)
+    task: Task | None = None  # what the labels mean: the label loss and the positions that count
 
     @property
     def target(self) -> Tensor:
         return self.batch["target"]
 
+    def label_loss(self, logits: Tensor | None = None) -> Tensor:
+        """The task's supervised loss of ``logits`` (the student's by default) on this batch."""
+        if self.task is None:
+            raise KDLabError("StepOutputs has no task: build it with task=<a kd_lab.core.tasks.Task>.")
+        return self.task.label_loss(self.logits if logits is None else logits, self.batch)
+
+
+@dataclass(frozen=True)
+class Adversary:
+    """An algorithm's second player: ``module``'s parameters are stepped by their own optimizer on ``loss``,
+    ``steps`` times every ``every`` training steps, before the student's step (manual optimization)."""
+
+    module: nn.Module
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+    loss: Callable[["StepOutputs"], dict[str, Tensor]]
+    steps: int = 1
+    every: int = 1
+
 
 @dataclass(frozen=True)
 class BuildContext:
-    """What an algorithm may need to know about the data when it builds its parts."""
+    """What an algorithm may need to know about the task and the data when it builds its parts."""
 
-    num_classes: int
+    task: Task  # e.g. ``task.num_classes`` for a classification head
     num_train: int  # training-set size: memory banks (CRD) are indexed by the global sample index
     train_targets: torch.Tensor | None = None  # label of each training index (class-aware negative sampling)
     all_teacher_shapes: list[dict[str, torch.Size]] = field(default_factory=list)  # one dict per teacher
@@ -52,29 +80,21 @@ class BuildContext:
         return self.teacher_input_key != self.input_key
 
 
-def cross_entropy(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
-    """Cross-entropy with the batch's labels; with mixup, the mix of the two labels' losses."""
-    if "mix_lam" not in batch:
-        return F.cross_entropy(logits, batch["target"])
-    lam = batch["mix_lam"]
-    per_sample = lam * F.cross_entropy(logits, batch["target"], reduction="none")
-    per_sample = per_sample + (1 - lam) * F.cross_entropy(logits, batch["target_mix"], reduction="none")
-    return per_sample.mean()
-
-
 class Algorithm(nn.Module):
     name: str = "base"
+    # Registration: the schemes this algorithm runs under, and the task kinds it understands.
+    schemes: frozenset[str] = frozenset({"offline"})
+    task_kinds: frozenset[str] = frozenset({"classification"})
     needs_teacher: bool = True  # False: the training step skips the teacher forward
-    # Adversarial methods: a second optimizer for ``adversary_parameters()``, stepped with
-    # ``adversary_loss()`` ``adversary_steps`` times every ``adversary_every`` steps (manual optimization).
-    manual_optimization: bool = False
-    adversary_steps: int = 1
-    adversary_every: int = 1
     # True: the algorithm writes the loss terms of the teachers that learn (a cohort of peers), from
     # ``live_teacher_logits``; otherwise the scheme adds its own teacher terms.
     trains_teachers: bool = False
 
-    def __init__(self, ce_weight: float = 1.0):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        install_bound_checks(cls)  # the constructor checks the bounds its signature declares
+
+    def __init__(self, ce_weight: NonNegative = 1.0):
         super().__init__()
         self.ce_weight = ce_weight
 
@@ -106,14 +126,10 @@ class Algorithm(nn.Module):
     def on_epoch_start(self, epoch: int, max_epochs: int) -> None:
         """Called at the start of every training epoch (warm-ups, schedules of loss weights)."""
 
-    def adversary_parameters(self) -> list[nn.Parameter]:
-        return []
-
-    def adversary_optimizer(self) -> torch.optim.Optimizer:
-        raise NotImplementedError
-
-    def adversary_loss(self, out: StepOutputs) -> dict[str, Tensor]:
-        raise NotImplementedError
+    def adversary(self) -> "Adversary | None":
+        """A second player with its own optimizer (adversarial methods), or None. Called once the algorithm
+        is built."""
+        return None
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Resolve configured tap specs (indices, "embedding", paths; ``kd_lab.core.recorder.resolve_tap``) into
@@ -129,7 +145,7 @@ class Algorithm(nn.Module):
         method cannot bridge, saying why and what to pick instead."""
 
     def ce_term(self, out: StepOutputs) -> dict[str, Tensor]:
-        return {"ce": self.ce_weight * cross_entropy(out.logits, out.batch)} if self.ce_weight else {}
+        return {"ce": self.ce_weight * out.label_loss()} if self.ce_weight else {}
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         raise NotImplementedError

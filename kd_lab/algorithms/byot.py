@@ -22,9 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs, cross_entropy
+from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs
 from kd_lab.algorithms.embedding import flat, flat_dim
-from kd_lab.algorithms.kd import kd_loss
+from kd_lab.algorithms.soft_targets import kd_term
+from kd_lab.core.bounds import NonNegative, Positive
 from kd_lab.core.recorder import resolve_tap
 from kd_lab.errors import KDLabError
 
@@ -50,19 +51,18 @@ def exit_head(shape: torch.Size, width: int, num_classes: int) -> nn.Sequential:
 
 class BYOT(Algorithm):
     name = "byot"
+    schemes = frozenset({"self"})
     needs_teacher = False
 
     def __init__(
         self,
         exits: str | list[str | int] = "all",
-        ce_weight: float = 0.9,
-        kd_weight: float = 0.1,
-        hint_weight: float = 0.05,
-        temperature: float = 3.0,
+        ce_weight: NonNegative = 0.9,
+        kd_weight: NonNegative = 0.1,
+        hint_weight: NonNegative = 0.05,
+        temperature: Positive = 3.0,
     ):
         super().__init__(ce_weight)
-        if temperature <= 0:
-            raise KDLabError(f"algorithm.temperature must be > 0, got {temperature}; BYOT uses 3.")
         self.exit_specs, self.kd_weight, self.hint_weight, self.temperature = exits, kd_weight, hint_weight, temperature
         self.exit_paths: list[str] = []
 
@@ -87,7 +87,9 @@ class BYOT(Algorithm):
 
     def build(self, student_shapes, teacher_shapes, context: BuildContext) -> None:
         width = flat_dim(student_shapes[self.embedding_path])
-        self.heads = nn.ModuleList(exit_head(student_shapes[p], width, context.num_classes) for p in self.exit_paths)
+        self.heads = nn.ModuleList(
+            exit_head(student_shapes[p], width, context.task.num_classes) for p in self.exit_paths
+        )
 
     def exit_logits(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
         pairs = zip(self.exit_paths, self.heads, strict=True)
@@ -100,11 +102,11 @@ class BYOT(Algorithm):
         for path, head in zip(self.exit_paths, self.heads, strict=True):
             feature = head[0](out.features[path])
             logits = head[1](feature)
-            ce.append(cross_entropy(logits, out.batch))
-            kd.append(kd_loss(logits, deep, self.temperature))
+            ce.append(out.label_loss(logits))
+            kd.append(kd_term(out, logits, deep, self.temperature))
             hint.append(F.mse_loss(feature, deep_feature))
         return {
-            "ce": self.ce_weight * cross_entropy(out.logits, out.batch),
+            "ce": self.ce_weight * out.label_loss(),
             "exit_ce": self.ce_weight * torch.stack(ce).sum(),
             "exit_kd": self.kd_weight * torch.stack(kd).sum(),
             "exit_hint": self.hint_weight * torch.stack(hint).sum(),

@@ -20,28 +20,26 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs, cross_entropy
-from kd_lab.algorithms.kd import kd_loss
+from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs
+from kd_lab.algorithms.soft_targets import kd_term
+from kd_lab.core.bounds import AtLeastTwo, NonNegative, NonNegativeInt, Positive
 from kd_lab.errors import KDLabError
 
 
 class Codistillation(Algorithm):
     name = "codistillation"
+    schemes = frozenset({"online"})
     trains_teachers = True
 
     def __init__(
         self,
-        peers: int = 2,
-        ce_weight: float = 1.0,
-        kl_weight: float = 1.0,
-        temperature: float = 1.0,
-        stale_every: int = 0,
+        peers: AtLeastTwo = 2,
+        ce_weight: NonNegative = 1.0,
+        kl_weight: NonNegative = 1.0,
+        temperature: Positive = 1.0,
+        stale_every: NonNegativeInt = 0,
     ):
         super().__init__(ce_weight)
-        if peers < 2:
-            raise KDLabError(f"algorithm.peers={peers}: a cohort needs at least 2 peers (the student and one more).")
-        if temperature <= 0 or stale_every < 0:
-            raise KDLabError("algorithm.temperature must be > 0 and algorithm.stale_every >= 0 (0: live peers).")
         self.peers, self.kl_weight, self.temperature, self.stale_every = peers, kl_weight, temperature, stale_every
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # checkpointed: refreshes resume in phase
         # the same count on the host, read from the buffer once (and again after a load): no device sync per step
@@ -93,7 +91,7 @@ class Codistillation(Algorithm):
         terms: dict[str, Tensor] = {}
         for k, z in enumerate(live):
             name = "" if k == 0 else f"{self.teacher_name(k - 1)}_"
-            terms[f"{name}ce"] = self.ce_weight * cross_entropy(z, out.batch)
-            others = [kd_loss(z, targets[j], self.temperature) for j in range(len(live)) if j != k]
+            terms[f"{name}ce"] = self.ce_weight * out.label_loss(z)
+            others = [kd_term(out, z, targets[j], self.temperature) for j in range(len(live)) if j != k]
             terms[f"{name}kl"] = self.kl_weight * torch.stack(others).mean()
         return terms

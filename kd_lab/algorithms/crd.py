@@ -38,8 +38,9 @@ from torch import Tensor, nn
 
 from kd_lab.algorithms.base import BuildContext, StepOutputs
 from kd_lab.algorithms.embedding import flat_dim
-from kd_lab.algorithms.kd import kd_loss
+from kd_lab.algorithms.soft_targets import kd_term
 from kd_lab.algorithms.taps import OneTapPair
+from kd_lab.core.bounds import AtLeastOne, BelowOne, NonNegative, Positive
 from kd_lab.core.recorder import TapSpec
 from kd_lab.errors import KDLabError
 
@@ -151,29 +152,23 @@ def mean_over_ranks(x: Tensor) -> Tensor:
 
 class CRD(OneTapPair):
     name = "crd"
+    schemes = frozenset({"offline", "online"})
 
     def __init__(
         self,
-        ce_weight: float = 1.0,
-        crd_weight: float = 0.8,
-        feat_dim: int = 128,
-        nce_k: int = 16384,
-        nce_t: float = 0.07,
-        nce_m: float = 0.5,
+        ce_weight: NonNegative = 1.0,
+        crd_weight: NonNegative = 0.8,
+        feat_dim: AtLeastOne = 128,
+        nce_k: AtLeastOne = 16384,
+        nce_t: Positive = 0.07,
+        nce_m: BelowOne = 0.5,
         student_tap: TapSpec = "embedding",
         teacher_tap: TapSpec = "embedding",
-        kd_weight: float = 0.0,
-        temperature: float = 4.0,
+        kd_weight: NonNegative = 0.0,
+        temperature: Positive = 4.0,
     ):
         super().__init__(ce_weight, student_tap, teacher_tap)
-        if temperature <= 0:
-            raise KDLabError(f"algorithm.temperature must be > 0, got {temperature}; CRD+KD uses 4.")
         self.kd_weight, self.temperature = kd_weight, temperature
-        if nce_k < 1 or nce_t <= 0 or not 0 <= nce_m < 1 or feat_dim < 1:
-            raise KDLabError(
-                f"algorithm: need nce_k >= 1, nce_t > 0, 0 <= nce_m < 1, feat_dim >= 1; got nce_k={nce_k}, "
-                f"nce_t={nce_t}, nce_m={nce_m}, feat_dim={feat_dim} (the paper: 16384, 0.07, 0.5, 128)."
-            )
         self.crd_weight, self.feat_dim = crd_weight, feat_dim
         self.nce_k, self.nce_t, self.nce_m = nce_k, nce_t, nce_m
         self.k, self.n_data = nce_k, 0
@@ -238,5 +233,5 @@ class CRD(OneTapPair):
             self.update_memory(index, v_s, v_t)
         terms["crd"] = self.crd_weight * loss
         if self.kd_weight:
-            terms["kd"] = self.kd_weight * kd_loss(out.logits, out.teacher_logits, self.temperature)
+            terms["kd"] = self.kd_weight * kd_term(out, out.logits, out.teacher_logits, self.temperature)
         return terms

@@ -15,21 +15,23 @@ from torch import Tensor
 
 from kd_lab.algorithms.base import BuildContext, StepOutputs
 from kd_lab.algorithms.embedding import linear_connector
-from kd_lab.algorithms.kd import kd_loss
+from kd_lab.algorithms.soft_targets import kd_term
 from kd_lab.algorithms.taps import OneTapPair
+from kd_lab.core.bounds import NonNegative, Positive
 from kd_lab.core.recorder import TapSpec
 from kd_lab.errors import KDLabError
 
 
 class CrossModal(OneTapPair):
     name = "cross_modal"
+    schemes = frozenset({"offline", "online"})
 
     def __init__(
         self,
-        ce_weight: float = 1.0,
-        kd_weight: float = 1.0,
-        temperature: float = 4.0,
-        hint_weight: float = 1.0,
+        ce_weight: NonNegative = 1.0,
+        kd_weight: NonNegative = 1.0,
+        temperature: Positive = 4.0,
+        hint_weight: NonNegative = 1.0,
         student_tap: TapSpec = "embedding",
         teacher_tap: TapSpec = "embedding",
     ):
@@ -47,7 +49,7 @@ class CrossModal(OneTapPair):
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         terms = self.ce_term(out)
-        terms["kd"] = self.kd_weight * kd_loss(out.logits, out.teacher_logits, self.temperature)
+        terms["kd"] = self.kd_weight * kd_term(out, out.logits, out.teacher_logits, self.temperature)
         if self.hint_weight:
             e_s, e_t = self.pair(out)
             terms["hint"] = self.hint_weight * F.mse_loss(self.connector(e_s), e_t)

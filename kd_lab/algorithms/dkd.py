@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kd_lab.algorithms.base import Algorithm, StepOutputs
+from kd_lab.core.bounds import NonNegative, NonNegativeInt, Positive
 from kd_lab.errors import KDLabError
 
 
@@ -67,21 +68,17 @@ def dkd_terms(
 
 class DKD(Algorithm):
     name = "dkd"
+    schemes = frozenset({"offline", "online"})
 
     def __init__(
         self,
-        ce_weight: float = 1.0,
-        alpha: float = 1.0,
-        beta: float = 8.0,
-        temperature: float = 4.0,
-        warmup_epochs: int = 20,
+        ce_weight: NonNegative = 1.0,
+        alpha: NonNegative = 1.0,
+        beta: NonNegative = 8.0,
+        temperature: Positive = 4.0,
+        warmup_epochs: NonNegativeInt = 20,
     ):
         super().__init__(ce_weight)
-        if temperature <= 0 or warmup_epochs < 0:
-            raise KDLabError(
-                f"algorithm=dkd needs temperature > 0 and warmup_epochs >= 0; got {temperature}, {warmup_epochs} "
-                "(the paper: T = 4, 20 warm-up epochs of 240)."
-            )
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.warmup_epochs = warmup_epochs
         self.epoch = 0  # the current training epoch, from 0; set by on_epoch_start

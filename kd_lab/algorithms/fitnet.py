@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from kd_lab.algorithms.base import BuildContext, StepOutputs
 from kd_lab.algorithms.taps import OneTapPair
+from kd_lab.core.bounds import NonNegative
 from kd_lab.core.recorder import TapSpec
 from kd_lab.errors import KDLabError
 
@@ -73,11 +74,12 @@ def hint_loss(regressed: Tensor, hint: Tensor) -> Tensor:
 
 class FitNet(OneTapPair):
     name = "fitnet"
+    schemes = frozenset({"offline", "online"})
 
     def __init__(
         self,
-        ce_weight: float = 1.0,
-        hint_weight: float = 100.0,
+        ce_weight: NonNegative = 1.0,
+        hint_weight: NonNegative = 100.0,
         student_tap: TapSpec = MIDDLE,
         teacher_tap: TapSpec = MIDDLE,
     ):

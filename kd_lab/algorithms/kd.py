@@ -7,31 +7,26 @@ The T^2 factor keeps the soft-target gradients on the same scale as the hard-lab
 (RepDistiller / CRD benchmark); T = 1, 0.5 / 0.5 on ImageNet (mdistiller, torchdistill).
 """
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from kd_lab.algorithms.base import Algorithm, StepOutputs
-from kd_lab.errors import KDLabError
-
-
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """T^2 * KL(p_t || p_s) at temperature T, averaged over the batch (``batchmean``: the true KL)."""
-    log_p_s = F.log_softmax(student_logits / temperature, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits / temperature, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * temperature**2
+from kd_lab.algorithms.soft_targets import kd_loss, kd_term
+from kd_lab.core.bounds import NonNegative, Positive
 
 
 class KD(Algorithm):
     name = "kd"
+    schemes = frozenset({"offline", "online"})
 
-    def __init__(self, ce_weight: float = 0.1, kd_weight: float = 0.9, temperature: float = 4.0):
+    def __init__(self, ce_weight: NonNegative = 0.1, kd_weight: NonNegative = 0.9, temperature: Positive = 4.0):
         super().__init__(ce_weight)
-        if temperature <= 0:
-            raise KDLabError(f"algorithm.temperature must be > 0, got {temperature}; 4 is the usual value.")
         self.kd_weight = kd_weight
         self.temperature = temperature
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         terms = self.ce_term(out)
-        terms["kd"] = self.kd_weight * kd_loss(out.logits, out.teacher_logits, self.temperature)
+        terms["kd"] = self.kd_weight * kd_term(out, out.logits, out.teacher_logits, self.temperature)
         return terms
+
+
+__all__ = ["KD", "kd_loss"]

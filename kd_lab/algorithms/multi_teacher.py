@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs
 from kd_lab.algorithms.embedding import flat, linear_connector
+from kd_lab.core.bounds import NonNegative, NonNegativeList, Positive
 from kd_lab.core.recorder import resolve_tap
 from kd_lab.errors import KDLabError
 
@@ -46,15 +47,16 @@ def aggregate(
 
 class MultiTeacher(Algorithm):
     name = "multi_teacher"
+    schemes = frozenset({"offline"})
 
     def __init__(
         self,
-        ce_weight: float = 0.1,
-        kd_weight: float = 0.9,
-        temperature: float = 4.0,
+        ce_weight: NonNegative = 0.1,
+        kd_weight: NonNegative = 0.9,
+        temperature: Positive = 4.0,
         aggregation: str = "mean",
-        weights: list[float] | None = None,
-        hint_weight: float = 0.0,
+        weights: NonNegativeList = None,
+        hint_weight: NonNegative = 0.0,
         hint_teachers: list[int] | None = None,
         student_tap: str | int = "embedding",
         teacher_tap: str | int = "embedding",

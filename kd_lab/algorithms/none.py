@@ -7,6 +7,7 @@ from kd_lab.algorithms.base import Algorithm, StepOutputs
 
 class NoDistillation(Algorithm):
     name = "none"
+    schemes = frozenset({"offline"})
     needs_teacher = False
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:

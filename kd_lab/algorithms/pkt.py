@@ -16,6 +16,7 @@ from torch import Tensor
 
 from kd_lab.algorithms.base import StepOutputs
 from kd_lab.algorithms.taps import OneTapPair
+from kd_lab.core.bounds import NonNegative, Positive
 from kd_lab.core.recorder import TapSpec
 
 
@@ -34,12 +35,13 @@ def pkt_loss(student_features: Tensor, teacher_features: Tensor, eps: float = 1e
 
 class PKT(OneTapPair):
     name = "pkt"
+    schemes = frozenset({"offline", "online"})
 
     def __init__(
         self,
-        ce_weight: float = 1.0,
-        pkt_weight: float = 30000.0,
-        eps: float = 1e-7,
+        ce_weight: NonNegative = 1.0,
+        pkt_weight: NonNegative = 30000.0,
+        eps: Positive = 1e-7,
         student_tap: TapSpec = "embedding",
         teacher_tap: TapSpec = "embedding",
     ):

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from kd_lab.algorithms.base import StepOutputs
 from kd_lab.algorithms.taps import OneTapPair
+from kd_lab.core.bounds import NonNegative
 from kd_lab.core.recorder import TapSpec
 
 
@@ -51,13 +52,14 @@ def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
 
 class RKD(OneTapPair):
     name = "rkd"
+    schemes = frozenset({"offline", "online"})
 
     def __init__(
         self,
-        ce_weight: float = 1.0,
-        rkd_weight: float = 1.0,
-        distance_weight: float = 25.0,
-        angle_weight: float = 50.0,
+        ce_weight: NonNegative = 1.0,
+        rkd_weight: NonNegative = 1.0,
+        distance_weight: NonNegative = 25.0,
+        angle_weight: NonNegative = 50.0,
         student_tap: TapSpec = "embedding",
         teacher_tap: TapSpec = "embedding",
     ):

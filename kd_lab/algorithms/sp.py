@@ -14,6 +14,7 @@ from torch import Tensor
 
 from kd_lab.algorithms.base import StepOutputs
 from kd_lab.algorithms.taps import OneTapPair
+from kd_lab.core.bounds import NonNegative
 from kd_lab.core.recorder import TapSpec
 
 
@@ -32,9 +33,14 @@ def sp_loss(student_features: Tensor, teacher_features: Tensor) -> Tensor:
 
 class SP(OneTapPair):
     name = "sp"
+    schemes = frozenset({"offline", "online"})
 
     def __init__(
-        self, ce_weight: float = 1.0, sp_weight: float = 3000.0, student_tap: TapSpec = -1, teacher_tap: TapSpec = -1
+        self,
+        ce_weight: NonNegative = 1.0,
+        sp_weight: NonNegative = 3000.0,
+        student_tap: TapSpec = -1,
+        teacher_tap: TapSpec = -1,
     ):
         super().__init__(ce_weight, student_tap, teacher_tap)
         self.sp_weight = sp_weight

@@ -4,6 +4,7 @@ from torch import Tensor, nn
 
 from kd_lab.algorithms.base import Algorithm, StepOutputs
 from kd_lab.algorithms.embedding import flat
+from kd_lab.core.bounds import NonNegative
 from kd_lab.core.recorder import TapSpec, resolve_tap
 
 
@@ -12,7 +13,9 @@ class OneTapPair(Algorithm):
     ``forward`` the two recorded features flattened to ``(B, D)``; the teacher's is detached (these methods
     never train the teacher)."""
 
-    def __init__(self, ce_weight: float = 1.0, student_tap: TapSpec = "embedding", teacher_tap: TapSpec = "embedding"):
+    def __init__(
+        self, ce_weight: NonNegative = 1.0, student_tap: TapSpec = "embedding", teacher_tap: TapSpec = "embedding"
+    ):
         super().__init__(ce_weight)
         self.tap_specs = (student_tap, teacher_tap)
         self.paths = ("", "")

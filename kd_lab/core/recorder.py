@@ -1,5 +1,8 @@
 """Record intermediate outputs of any ``nn.Module`` by dotted module path, with forward hooks.
 
+A module's output is recorded as ``kd_lab.core.outputs.feature_of`` reads it: a Tensor as is, a tuple by
+its first element (a transformer block's hidden state), a ``ModelOutput`` by its logits or last hidden state.
+
 Models never change their ``forward`` to expose features: a method names the paths it needs
 (``"blocks.2"``, ``"layers.0"``; ``"."`` is the model's own output), the recorder validates them when the run
 is built, and hooks exist only inside a ``with`` block (torchdistill's io-dict by module path; mmrazor's
@@ -13,6 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from kd_lab.core.outputs import feature_of, logits_of
 from kd_lab.errors import KDLabError
 
 SELF = "."
@@ -80,7 +84,7 @@ class FeatureRecorder:
 
     def _hook(self, path: str):
         def record(_module: nn.Module, _inputs, output) -> None:
-            self.features[path] = output
+            self.features[path] = logits_of(output) if path == SELF else feature_of(output)
 
         return record
 
@@ -103,7 +107,7 @@ def record(model: nn.Module, paths: Iterable[str], x: Tensor, role: str = "model
     """One forward that returns ``(output, {path: feature})``."""
     recorder = FeatureRecorder(model, paths, role)
     with recorder:
-        out = model(x)
+        out = logits_of(model(x), role)
     return out, recorder.features
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from kd_lab.data.batches import ChunkedBatches, TensorBatches, Transform, loader_batches
+from kd_lab.data.batches import TensorBatches, Transform, loader_batches
 from kd_lab.data.image_augment import DrawOnly, ImageAugment
 from kd_lab.errors import KDLabError
 
@@ -21,8 +21,6 @@ DEVICE_SAFE = (ImageAugment, DrawOnly)  # draw on the host, apply on the batch's
 
 
 class TensorDataModule(L.LightningDataModule):
-    steps_per_batch: int = 1  # >1: training batches come in lists of that many (perf.steps_per_batch)
-
     def __init__(
         self,
         num_classes: int,
@@ -138,7 +136,7 @@ class TensorDataModule(L.LightningDataModule):
             self._device_splits[split] = {key: t.to(device) for key, t in self.splits[split].items()}
         return self._device_splits[split]
 
-    def _loader(self, split: str, train: bool) -> TensorBatches | DataLoader | ChunkedBatches:
+    def _loader(self, split: str, train: bool) -> TensorBatches | DataLoader:
         self.setup()
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
@@ -155,7 +153,7 @@ class TensorDataModule(L.LightningDataModule):
             world_size=trainer.world_size if trainer is not None else 1,
         )
         served = loader_batches(batches, **self.loader_options) if mode == "loader" else batches
-        return ChunkedBatches(served, self.steps_per_batch) if train and self.steps_per_batch > 1 else served
+        return served
 
     def train_dataloader(self) -> TensorBatches:
         return self._loader("train", train=True)

@@ -132,30 +132,3 @@ def loader_batches(
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
     )
-
-
-class ChunkedBatches:
-    """Lists of ``size`` consecutive batches of ``batches`` (the last list may be shorter): Lightning sees one
-    batch per list, the module takes one optimizer step per batch in it (``perf.steps_per_batch``)."""
-
-    def __init__(self, batches: TensorBatches | DataLoader, size: int):
-        self.batches = batches
-        self.size = size
-
-    def __len__(self) -> int:
-        return -(-len(self.batches) // self.size)
-
-    @property
-    def num_steps(self) -> int:
-        """Optimizer steps per epoch: the batches, not the chunks."""
-        return len(self.batches)
-
-    def __iter__(self) -> Iterator[list[Batch]]:
-        chunk: list[Batch] = []
-        for batch in self.batches:
-            chunk.append(batch)
-            if len(chunk) == self.size:
-                yield chunk
-                chunk = []
-        if chunk:
-            yield chunk

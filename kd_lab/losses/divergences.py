@@ -142,9 +142,7 @@ def token_divergence(
     return per_token_divergence(student_logits, teacher_logits, kind, temperature, beta, alpha).sum()
 
 
-def mean(
-    student_logits: Tensor, teacher_logits: Tensor, kind: str, mask: Tensor | None = None, **options
-) -> Tensor:
+def mean(student_logits: Tensor, teacher_logits: Tensor, kind: str, mask: Tensor | None = None, **options) -> Tensor:
     """token_divergence divided by this call's valid-token count (1 when there are none).
 
     Right for one batch on one device. Under gradient accumulation or DDP, divide the sum by the valid

@@ -1,4 +1,4 @@
-"""Objects from config: data, models, algorithm, scheme, module and trainer. ``_target_`` is the registry."""
+"""Objects from config by ``_target_`` (the registry), and the config helpers that the run's assembly uses."""
 
 import hashlib
 import json
@@ -10,14 +10,8 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
-from torch import nn
 
-from kd_lab.algorithms.base import Algorithm
-from kd_lab.data.base import TensorDataModule
 from kd_lab.errors import KDLabError
-from kd_lab.run.module import DistillationModule
-from kd_lab.run.perf import apply_perf
-from kd_lab.schemes.base import Scheme
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"  # kd_lab/conf: the configs ship inside the package
 
@@ -40,43 +34,12 @@ def config_hash(cfg: DictConfig) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def build_datamodule(cfg: DictConfig) -> TensorDataModule:
+def build_datamodule(cfg: DictConfig):
     return build(cfg.data)
 
 
-def build_model(model_cfg: DictConfig) -> nn.Module:
+def build_model(model_cfg: DictConfig):
     return build(model_cfg)
-
-
-def build_module(
-    cfg: DictConfig,
-    datamodule: TensorDataModule,
-    student: nn.Module,
-    algorithm: Algorithm,
-    scheme: Scheme,
-    optim_cfg: DictConfig,
-    teachers: list[nn.Module],
-    trains_a_teacher: bool = False,
-) -> DistillationModule:
-    """``trains_a_teacher``: the model being trained is a teacher, so it reads the teacher's modality."""
-    student_key = datamodule.teacher_input_key if trains_a_teacher else "input"
-    module = DistillationModule(
-        student=student,
-        algorithm=algorithm,
-        scheme=scheme,
-        teachers=teachers,
-        optimizer=build(optim_cfg.optimizer, _partial_=True),
-        scheduler=build(optim_cfg.scheduler, _partial_=True) if optim_cfg.get("scheduler") else None,
-        example_input=datamodule.example_input(student_key),
-        teacher_example_input=datamodule.example_input(datamodule.teacher_input_key),
-        input_key=student_key,
-        teacher_input_key=datamodule.teacher_input_key,
-        num_classes=datamodule.num_classes,
-        num_train=datamodule.num_train,
-        train_targets=datamodule.train_targets,
-        config_hash=config_hash(cfg),
-    )
-    return apply_perf(cfg.get("perf"), module, datamodule, cfg)  # speed switches (conf/perf, docs/performance.md)
 
 
 def build_trainer(

@@ -25,7 +25,8 @@ class EpochSummary(L.Callback):
             return
         if (epoch + 1) % self.every and epoch + 1 != trainer.max_epochs:
             return
-        keys = ("train/loss", "val/acc", "val/acc_best")
+        monitor = getattr(pl_module, "monitor", "val/acc")  # the task's monitored metric
+        keys = ("train/loss", monitor, f"{monitor}_best")
         shown = "  ".join(
             f"{k} {float(trainer.callback_metrics[k]):.4f}" for k in keys if k in trainer.callback_metrics
         )

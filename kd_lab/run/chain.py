@@ -1,21 +1,24 @@
 """Chains of distillation stages: teacher-assistant and born-again generations.
 
-* ``algorithm=teacher_assistant`` (Mirzadeh et al., AAAI 2020, "Improved Knowledge Distillation via Teacher
+A chain is a config group of its own (``conf/chain``): it says which earlier stages teach the run, and the
+run's algorithm is the method of every stage.
+
+* ``chain=teacher_assistant`` (Mirzadeh et al., AAAI 2020, "Improved Knowledge Distillation via Teacher
   Assistant", https://arxiv.org/abs/1902.03393): teacher -> assistant(s) -> student, largest first. The
   paper's point: a mid-sized assistant bridges a capacity gap that plain KD handles badly.
-* ``algorithm=born_again`` under ``scheme=self`` (Furlanello et al., ICML 2018, "Born-Again Neural Networks",
+* ``chain=born_again`` (Furlanello et al., ICML 2018, "Born-Again Neural Networks",
   https://arxiv.org/abs/1805.04770): generation 0 is the student's architecture trained on the labels;
   generation k teaches generation k + 1 of the same architecture.
 
-Each stage is a complete kd-lab run (``train``) of the ``inner`` algorithm (any algorithm of the library;
-kd by default), whose student, at its best-validation weights, becomes the next stage's frozen teacher. The
-last stage is the run itself. Finished stages are cached in the teacher store under a key that chains the
-keys of the stages before it, so a second run reuses them and an interrupted chain resumes at the first
-unfinished stage. Every stage uses the run's seed, optimizer and epochs.
-"""
+Each stage is a complete kd-lab run (``train``, handed in by the caller) of the run's algorithm, whose
+student, at its best-validation weights, becomes the next stage's frozen teacher. The last stage is the run
+itself. Finished stages are cached in the teacher store under a key that chains the keys of the stages before
+it, so a second run reuses them and an interrupted chain resumes at the first unfinished stage. Every stage
+uses the run's seed, optimizer and epochs."""
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +34,12 @@ log = logging.getLogger(__name__)
 
 
 def is_chain(cfg: DictConfig) -> bool:
-    return cfg.algorithm.get("inner") is not None
+    return bool(cfg.get("chain"))
 
 
-def _inner(cfg: DictConfig, name: str) -> DictConfig:
-    """``cfg`` with the algorithm replaced by ``name`` plus ``algorithm.inner_overrides`` of the chain."""
-    overrides = cfg.algorithm.get("inner_overrides") or {}
-    new = group_option(cfg, "algorithm", name, "algorithm")
-    return replace_nodes(new, algorithm=OmegaConf.merge(new.algorithm, overrides))
+def _with_algorithm(cfg: DictConfig, name: str | None) -> DictConfig:
+    """``cfg`` with the algorithm replaced by ``conf/algorithm/<name>.yaml`` (None: the run's own)."""
+    return cfg if name is None else group_option(cfg, "algorithm", name, "algorithm")
 
 
 def _as_teacher(cfg: DictConfig, student: DictConfig, ckpt_path: str) -> DictConfig:
@@ -50,21 +51,21 @@ def _as_teacher(cfg: DictConfig, student: DictConfig, ckpt_path: str) -> DictCon
     return node
 
 
-def plan(cfg: DictConfig) -> list[tuple[str, DictConfig, DictConfig]]:
-    """``(name, student, algorithm name)`` of every stage before the run's own, in order."""
-    a = cfg.algorithm
-    if a.get("assistants") is not None:
-        if not a.assistants:
-            raise KDLabError("algorithm.assistants is empty: name at least one student config, e.g. [cnn1d_small].")
+def plan(cfg: DictConfig) -> list[tuple[str, DictConfig, str | None]]:
+    """``(name, student, algorithm option or None for the run's own)`` of every stage before the run's own."""
+    c = cfg.chain
+    if c.get("assistants") is not None:
+        if not c.assistants:
+            raise KDLabError("chain.assistants is empty: name at least one student config, e.g. [cnn1d_small].")
         return [
-            (f"assistant{i + 1}-{name}", group_option(cfg, "student", name, "student").student, a.inner)
-            for i, name in enumerate(a.assistants)
+            (f"assistant{i + 1}-{name}", group_option(cfg, "student", name, "student").student, None)
+            for i, name in enumerate(c.assistants)
         ]
-    generations = int(a.get("generations", 0))
+    generations = int(c.get("generations", 0))
     if generations < 1:
-        raise KDLabError(f"algorithm.generations={generations}: born-again needs at least 1 generation after gen0.")
+        raise KDLabError(f"chain.generations={generations}: born-again needs at least 1 generation after gen0.")
     return [(f"gen0-{cfg.student.name}", cfg.student, "none")] + [
-        (f"gen{k}-{cfg.student.name}", cfg.student, a.inner) for k in range(1, generations)
+        (f"gen{k}-{cfg.student.name}", cfg.student, None) for k in range(1, generations)
     ]
 
 
@@ -81,18 +82,24 @@ def stage_key(parent: str, stage: DictConfig) -> str:
     return short_hash(spec)
 
 
-def resolve_chain(cfg: DictConfig, datamodule) -> tuple[DictConfig, list[dict[str, Any]]]:
-    """Train or reuse every stage before the run's own; return the run's config (its teacher is the last
-    stage, its algorithm the inner one) and what each stage scored."""
-    from kd_lab.run.train import train  # a stage is a whole run (train imports this module)
+def resolve_chain(
+    cfg: DictConfig, datamodule, train: Callable[[DictConfig], tuple[dict, dict]]
+) -> tuple[DictConfig, list[dict[str, Any]]]:
+    """Train or reuse every stage before the run's own with ``train`` (a whole run per stage); return the run's
+    config (its teacher is the last stage) and what each stage scored."""
+    if cfg.scheme.name != "offline":
+        raise KDLabError(
+            f"chain={cfg.chain.name} needs scheme=offline: each stage's student becomes the next stage's frozen "
+            f"teacher; drop scheme={cfg.scheme.name}."
+        )
 
     if datamodule.teacher_input_key != "input":
         raise KDLabError(
-            f"algorithm={cfg.algorithm.name} chains models that read the same input; paired "
+            f"chain={cfg.chain.name} chains models that read the same input; paired "
             "(cross-modal) data has two. Use a single-modality data config."
         )
     stages = plan(cfg)
-    if cfg.algorithm.get("assistants") is not None:
+    if cfg.chain.get("assistants") is not None:
         teacher = cfg.teacher
         parent = teacher.ckpt_path if teacher.get("ckpt_path") else teacher_key(cfg)
     else:
@@ -101,10 +108,11 @@ def resolve_chain(cfg: DictConfig, datamodule) -> tuple[DictConfig, list[dict[st
     store = Path(cfg.paths.teacher_store)
     for name, student, algorithm in stages:
         # a stage starts fresh: the run's own ckpt_path (a checkpoint of the run) is not the stage's
-        stage = replace_nodes(_inner(cfg, algorithm), student=student, teacher=teacher, logger=None, ckpt_path=None)
-        stage = group_option(stage, "scheme", "offline", "scheme")
+        stage = replace_nodes(
+            _with_algorithm(cfg, algorithm), student=student, teacher=teacher, logger=None, ckpt_path=None, chain=None
+        )
         key = stage_key(parent, stage)
-        entry = store / f"{cfg.algorithm.name}-{name}-{key}"
+        entry = store / f"{cfg.chain.name}-{name}-{key}"
 
         def run_stage(staging: Path, stage: DictConfig = stage, name: str = name) -> dict[str, Any]:
             log.info("Chain stage %s: training it (%s)", name, stage.algorithm.name)
@@ -121,4 +129,4 @@ def resolve_chain(cfg: DictConfig, datamodule) -> tuple[DictConfig, list[dict[st
             log.info("Chain stage %s: reusing %s (test acc %.4f)", name, entry, meta["metrics"]["test/acc"])
         infos.append({"stage": name, "reused": reused, "path": str(entry), "key": key, **meta})
         teacher, parent = _as_teacher(cfg, student, str(entry / "teacher.pt")), key
-    return replace_nodes(_inner(cfg, cfg.algorithm.inner), teacher=teacher), infos
+    return replace_nodes(cfg, teacher=teacher), infos

@@ -26,12 +26,12 @@ from torch import nn
 
 from kd_lab.algorithms.none import NoDistillation
 from kd_lab.data.base import TensorDataModule
-from kd_lab.run.builders import build_model, build_module, build_trainer, to_dict
+from kd_lab.run.assemble import build_module, build_step, build_task, extra_teacher_cfg, perf_plan
+from kd_lab.run.builders import build_trainer, to_dict
 from kd_lab.run.callbacks import EpochSummary
 from kd_lab.run.checkpoints import load_weights
 from kd_lab.run.ddp import global_rank
-from kd_lab.run.fused_steps import manual_step_overrides
-from kd_lab.run.module import check_logits, count_parameters
+from kd_lab.run.module import count_parameters
 from kd_lab.schemes.offline import Offline
 from kd_lab.utils.io import atomic_torch_save, atomic_write_json
 
@@ -76,17 +76,24 @@ def teacher_key(cfg: DictConfig) -> str:
     return short_hash(spec)
 
 
-def resolve_teacher(cfg: DictConfig, datamodule: TensorDataModule) -> tuple[nn.Module, dict[str, Any]]:
-    """The teacher model with its weights, and what the run should record about it."""
+def fill_teachers(cfg: DictConfig, teachers: list[nn.Module], datamodule: TensorDataModule) -> dict[str, Any]:
+    """Give the run's store teachers (built by ``kd_lab.run.assemble``) their weights, in place: the run's
+    teacher and the algorithm's extra teachers. Returns what results.json records about them."""
+    info = fill_teacher(cfg, teachers[0], datamodule)
+    for i, name in enumerate(cfg.algorithm.get("extra_teachers") or [], start=1):
+        info[f"extra_{i}"] = fill_teacher(extra_teacher_cfg(cfg, name), teachers[i], datamodule)
+    return info
+
+
+def fill_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModule) -> dict[str, Any]:
+    """Load ``cfg.teacher``'s weights into ``model`` from its checkpoint or the store, training and caching
+    them first when the store has none."""
     t = cfg.teacher
-    model = build_model(t.model)
-    check_logits(model, datamodule.example_input(datamodule.teacher_input_key), datamodule.num_classes, "teacher")
     info: dict[str, Any] = {"name": t.name, "params": count_parameters(model)}
     if t.get("ckpt_path"):
         load_weights(model, t.ckpt_path, "teacher")
         log.info("Teacher %s loaded from %s", t.name, t.ckpt_path)
-        return model, {**info, "source": "checkpoint", "path": str(t.ckpt_path)}
-
+        return {**info, "source": "checkpoint", "path": str(t.ckpt_path)}
     key = teacher_key(cfg)
     entry = Path(cfg.paths.teacher_store) / f"{t.name}-{key}"
     meta, reused = cached_entry(entry, lambda staging: train_teacher(cfg, model, datamodule, staging))
@@ -96,7 +103,7 @@ def resolve_teacher(cfg: DictConfig, datamodule: TensorDataModule) -> tuple[nn.M
             "Reusing cached teacher %s (key %s, test acc %.4f) from %s",
             t.name, key, meta["metrics"].get("test/acc", float("nan")), entry,
         )  # fmt: skip
-    return model, {**info, "source": "cache", "reused": reused, "path": str(entry), "key": key, **meta}
+    return {**info, "source": "cache", "reused": reused, "path": str(entry), "key": key, **meta}
 
 
 def cached_entry(entry: Path, make: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
@@ -136,7 +143,12 @@ def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModul
     t = cfg.teacher
     log.info("No cached teacher %s: training it for %d epochs", t.name, t.max_epochs)
     L.seed_everything(t.seed, workers=True, verbose=False)
-    module = build_module(cfg, datamodule, model, NoDistillation(), Offline(), t.optim, [], trains_a_teacher=True)
+    was_training = model.training
+    model.train()  # the run's step froze it (eval mode, no gradients); it learns here
+    model.requires_grad_(True)
+    plan = perf_plan(cfg)
+    step = build_step(datamodule, model, NoDistillation(), Offline(), build_task(cfg), [], plan, trains_a_teacher=True)
+    module = build_module(cfg, step, t.optim, plan)
     is_zero = global_rank() == 0
     trainer = build_trainer(
         cfg.trainer,
@@ -145,7 +157,6 @@ def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModul
         max_epochs=t.max_epochs,
         enable_checkpointing=False,
         default_root_dir=str(staging),
-        **manual_step_overrides(cfg.trainer, module, datamodule.steps_per_batch),  # kd_lab.run.fused_steps
     )
     start = time.perf_counter()
     run_seed, datamodule.seed = datamodule.seed, t.seed  # the teacher does not depend on the student's seed
@@ -155,6 +166,8 @@ def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModul
         metrics.update({k: float(v) for k, v in trainer.test(module, datamodule, verbose=False)[0].items()})
     finally:
         datamodule.seed = run_seed
+        model.requires_grad_(False)  # frozen again, as the run's offline scheme prepared it
+        model.train(was_training)
     if is_zero:
         atomic_torch_save(model.state_dict(), staging / "teacher.pt")
     log.info("Teacher %s trained: test acc %.4f", t.name, metrics.get("test/acc", float("nan")))

@@ -14,34 +14,22 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lab.errors import KDLabError, brief
+from kd_lab.errors import brief
+from kd_lab.run.assemble import Run, build_run, fresh_teacher_specs, trainer_overrides
 from kd_lab.run.builders import CONFIG_DIR as BUILDERS_CONFIG_DIR
-from kd_lab.run.builders import (
-    build,
-    build_callbacks,
-    build_datamodule,
-    build_model,
-    build_module,
-    build_trainer,
-    group_option,
-    replace_nodes,
-    to_dict,
-)
+from kd_lab.run.builders import build, build_callbacks, build_datamodule, build_trainer, replace_nodes, to_dict
 from kd_lab.run.chain import is_chain, resolve_chain
-from kd_lab.run.checkpoints import load_weights
 from kd_lab.run.checks.schema import validate_config
 from kd_lab.run.ddp import job_scope, patch_lightning_hydra_launcher
-from kd_lab.run.fused_steps import manual_step_overrides
 from kd_lab.run.loggers import build_loggers, finish_loggers, quiet_lightning_console
 from kd_lab.run.module import count_parameters
 from kd_lab.run.results import write_results
-from kd_lab.run.resume import continue_csv_logs, start_or_resume
-from kd_lab.run.teacher_store import resolve_teacher
+from kd_lab.run.resume import continue_csv_logs, rng_states, set_rng_states, start_or_resume
+from kd_lab.run.teacher_store import fill_teachers
 
 log = logging.getLogger(__name__)
 
@@ -57,37 +45,39 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
     run to continue from (``kd-lab resume=<run dir>``, kd_lab/run/resume.py)."""
     start = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
+    groups = ("data", "task", "teacher", "student", "algorithm", "scheme", "chain")
     results: dict[str, Any] = {
         "status": "running",
         "seed": cfg.get("seed"),
         "config": OmegaConf.to_container(cfg, resolve=False),  # resolved below, once the config is known good
-        "names": {g: cfg[g].get("name") for g in ("data", "teacher", "student", "algorithm", "scheme") if cfg.get(g)},
+        "names": {g: cfg[g].get("name") for g in groups if cfg.get(g)},
         "experiment": cfg.get("experiment_name"),
     }
     loggers: list = []
     trainer = None
     try:  # from here on a failure is recorded in results.json (status failed), so a sweep lists it
-        # every bad key, value, file or pairing: one clear error before anything is built
-        validated_data = validate_config(cfg)
+        validate_config(cfg)  # every bad key, value, file or pairing: one clear error before anything is built
         scheme = build(cfg.scheme)
-        if scheme.teacher_source == "none":  # the network (or its earlier generation) teaches itself
-            results["names"].pop("teacher", None)
-            if not is_chain(cfg):
-                cfg = replace_nodes(cfg, teacher=None)  # no teacher config applies
+        if is_chain(cfg) and cfg.chain.get("generations") is not None:
+            cfg = replace_nodes(cfg, teacher=None)  # born-again: the network's earlier generation teaches it
+        elif scheme.teacher_source == "none":  # the network teaches itself: no teacher config applies
+            cfg = replace_nodes(cfg, teacher=None)
         results["config"] = to_dict(cfg)
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        datamodule = validated_data if validated_data is not None else build_datamodule(cfg)  # loaded once
+        datamodule = build_datamodule(cfg)
+        datamodule.setup()  # loads and checks the data (NaN/Inf, labels, shapes) once, for the whole run
         if is_chain(cfg):  # teacher-assistant / born-again: earlier stages first; the last one teaches this run
-            cfg, results["chain"] = resolve_chain(cfg, datamodule)
-        teachers, results["teacher"] = build_teachers(cfg, scheme, datamodule)
-        teacher = teachers[0] if teachers else None
-
-        L.seed_everything(cfg.seed, workers=True, verbose=False)  # same student init, cached teacher or not
-        student = build_model(cfg.student.model)
-        algorithm = build(cfg.algorithm)
-        module = build_module(cfg, datamodule, student, algorithm, scheme, cfg.optim, teachers)
-        log.info("%d optimizer step(s) per Lightning batch (perf.steps_per_batch: %s)",
-                 datamodule.steps_per_batch, module.steps_per_batch_reason)  # fmt: skip
+            cfg, results["chain"] = resolve_chain(cfg, datamodule, train)
+        # Built once, with untrained store teachers: a tap, shape or output mismatch fails here, before the
+        # store trains a teacher; the teachers receive their weights below, in place.
+        run = build_run(cfg, datamodule, scheme)
+        generators = rng_states()  # the fit starts from the state of this build, whatever the teacher costs
+        results["teacher"] = teacher_info(cfg, run)
+        set_rng_states(generators)
+        results["names"]["teacher"] = results["teacher"].get("name")
+        if not results["names"]["teacher"]:
+            results["names"].pop("teacher")
+        module, teacher = run.module, run.step.teacher
 
         loggers = build_loggers(cfg.get("logger"))
         if resume_from:
@@ -95,22 +85,19 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
             continue_csv_logs(loggers, resume_from)
         # where Lightning's SLURM requeue saves hpc_ckpt_<n>.ckpt and the requeued job finds it (docs/reliability.md)
         overrides = {"default_root_dir": cfg.trainer.get("default_root_dir") or str(run_dir)}
-        if algorithm.manual_optimization and cfg.trainer.get("strategy") == "ddp":
-            overrides["strategy"] = "ddp_find_unused_parameters_true"  # each backward touches one player only
-        overrides.update(
-            manual_step_overrides(cfg.trainer, module, datamodule.steps_per_batch)
-        )  # kd_lab.run.fused_steps
+        overrides.update(trainer_overrides(cfg, module))
         trainer = build_trainer(cfg.trainer, build_callbacks(cfg.get("callbacks")), loggers or False, **overrides)
         for logger in loggers:
             logger.log_hyperparams(results["config"])
         results["params"] = {
-            "student": count_parameters(student),
+            "student": count_parameters(run.student),
             "teacher": count_parameters(teacher) if teacher is not None else None,
-            "algorithm": count_parameters(algorithm),
+            "algorithm": count_parameters(run.algorithm),
         }
         if teacher is not None:
             results["params"]["compression"] = results["params"]["teacher"] / results["params"]["student"]
         results["world_size"] = trainer.world_size
+        results["task"] = {"name": run.task.name, "monitor": module.monitor, "headline": f"test/{run.task.headline}"}
 
         fit_start = time.perf_counter()
         trainer.fit(module, datamodule, ckpt_path=resume_from or cfg.get("ckpt_path"))
@@ -124,14 +111,14 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
         if best_path:
             results["best"] = _test(trainer, module, datamodule, best_path, "")
             results["best"]["epoch"] = module.best_val_epoch
-            results["best"]["val/acc"] = float(module.val_acc_best.compute())
+            results["best"][module.monitor] = module.best_val
         else:  # no checkpoint (fast_dev_run, checkpointing off): the last weights are all there is
             results["best"] = dict(results["last"])
-        results["algorithm"] = algorithm.report(module.student, datamodule.example_input(module.input_key))
+        results["algorithm"] = run.algorithm.report(run.student, datamodule.example_input(run.step.input_key))
         for logger in loggers:
             logger.log_metrics({"params/student": results["params"]["student"]})
         results["status"] = "finished"
-        return results, {"trainer": trainer, "module": module, "datamodule": datamodule, "teacher": teacher}
+        return results, {"trainer": trainer, "module": module, "datamodule": datamodule, "teacher": teacher, "run": run}
     except BaseException as e:
         results["status"] = "failed"
         results["error"] = f"{type(e).__name__}: {e}"
@@ -146,70 +133,39 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
         finish_loggers(loggers)
 
 
-def build_teachers(cfg: DictConfig, scheme, datamodule) -> tuple[list, dict[str, Any]]:
-    """The run's teachers and what results.json records about the first: from the store (frozen) or, when the
-    scheme trains them, freshly initialized (a cohort's peers, for algorithms that declare ``peers``)."""
-    if scheme.teacher_source == "fresh":
-        return fresh_teachers(cfg)
-    if not cfg.get("teacher"):
-        return [], {}
-    teacher, info = resolve_teacher(cfg, datamodule)
-    teachers = [teacher]
-    for i, name in enumerate(cfg.algorithm.get("extra_teachers") or [], start=1):
-        extra, info[f"extra_{i}"] = resolve_teacher(
-            group_option(cfg, "teacher", name, "teacher", keep=("optim",)), datamodule
-        )
-        teachers.append(extra)
-    return teachers, info
-
-
-def fresh_teachers(cfg: DictConfig) -> tuple[list, dict[str, Any]]:
-    """Teachers that learn in the run: the teacher config, or a cohort's peers (``algorithm.peers`` - 1 models
-    from ``algorithm.peer_models``, student configs, by default copies of the student's architecture). Each
-    gets its own seed, so peers of one architecture start from different weights."""
-    peers = cfg.algorithm.get("peers")
-    if peers is None:
-        specs = [cfg.teacher]
-    else:
-        names = list(cfg.algorithm.get("peer_models") or [cfg.student.name] * (peers - 1))
-        if len(names) != peers - 1:
-            raise KDLabError(
-                f"algorithm.peer_models names {len(names)} models for algorithm.peers={peers}: give peers - 1 "
-                "student configs (the student is peer 0), or leave it empty for copies of the student."
-            )
-        specs = [cfg.student if n == cfg.student.name else group_option(cfg, "student", n, "student").student
-                 for n in names]  # fmt: skip
-    teachers = []
-    for k, spec in enumerate(specs, start=1):
-        torch.manual_seed(cfg.seed + 100_003 * k)  # not the student's init stream
-        teacher = build_model(spec.model)
-        if spec.get("ckpt_path"):  # a warm start for an online teacher
-            load_weights(teacher, spec.ckpt_path, "teacher")
-        teachers.append(teacher)
-    info = {"name": specs[0].name, "params": count_parameters(teachers[0]), "source": "online"}
-    return teachers, info
+def teacher_info(cfg: DictConfig, run: Run) -> dict[str, Any]:
+    """Weights for the run's store teachers (loaded, reused or trained now), and what results.json records."""
+    if run.scheme.teacher_source == "fresh":
+        specs = fresh_teacher_specs(cfg)
+        return {"name": specs[0].name, "params": count_parameters(run.teachers[0]), "source": "online"}
+    if not run.teachers:
+        return {}
+    return fill_teachers(cfg, run.teachers, run.datamodule)
 
 
 def summary(results: dict[str, Any], path: Path) -> str:
+    """A few lines for the terminal: the task's headline metric of the student, and how it relates to the
+    teacher (the task's teacher metrics), the other models evaluated with it, and the chain's stages."""
     names = results["names"]
     best, teacher = results["best"], results.get("teacher") or {}
+    head = results["task"]["headline"]  # e.g. test/acc
+    metric = head.split("/")[-1]
     lines = [
         f"{names.get('algorithm')} ({names.get('scheme')}): {names.get('student')} <- {names.get('teacher', '-')}"
         f" on {names.get('data')}, seed {results['seed']}",
-        f"  student test acc {best['test/acc']:.4f} at best val epoch {best.get('epoch')}"
-        f" | {results['last']['test/acc']:.4f} at last epoch",
+        f"  student test {metric} {best[head]:.4f} at best val epoch {best.get('epoch')}"
+        f" | {results['last'][head]:.4f} at last epoch",
     ]
-    if "test/teacher_acc" in best:
+    compared = {k.removeprefix("test/"): v for k, v in best.items() if k.startswith("test/") and k != head}
+    if compared:
         origin = {True: "reused from the store", False: "trained now"}.get(teacher.get("reused"), teacher.get("source"))
-        lines.append(
-            f"  teacher test acc {best['test/teacher_acc']:.4f} ({origin})"
-            f" | agreement {best['test/agreement']:.4f} | KL to teacher {best['test/kl_to_teacher']:.4f}"
-        )
-    others = {k.split("/")[0]: v for k, v in best.items() if k.endswith("/test/acc")}
+        shown = " | ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in compared.items())
+        lines.append(f"  vs teacher ({origin}): {shown}")
+    others = {k.split("/")[0]: v for k, v in best.items() if k.endswith(f"/{head}")}
     if others:  # models evaluated next to the student: learning teachers, peers, exits, their ensemble
-        lines.append("  also: " + " | ".join(f"{name} {acc:.4f}" for name, acc in others.items()))
+        lines.append("  also: " + " | ".join(f"{name} {value:.4f}" for name, value in others.items()))
     for stage in results.get("chain", []):
-        lines.append(f"  chain stage {stage['stage']}: test acc {stage['metrics']['test/acc']:.4f}")
+        lines.append(f"  chain stage {stage['stage']}: test {metric} {stage['metrics'][head]:.4f}")
     p = results["params"]
     lines.append(
         f"  params: student {p['student']:,}"
@@ -237,7 +193,7 @@ def main(cfg: DictConfig) -> float | None:
             # a sweep goes on: this job's results.json says "failed" with the error, so comparisons list it
             log.error("job failed: %s (%s)", brief(e), cfg.paths.output_dir)
             return None
-    return results["best"].get("val/acc")  # what a sweeper optimizes: validation, never test
+    return results["best"].get(results["task"]["monitor"])  # what a sweeper optimizes: validation, never test
 
 
 if __name__ == "__main__":

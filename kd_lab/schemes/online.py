@@ -13,7 +13,7 @@ Defaults: ``teacher_ce_weight`` 1 (the teacher learns from the labels like a van
 
 from torch import Tensor, nn
 
-from kd_lab.algorithms.base import StepOutputs, cross_entropy
+from kd_lab.algorithms.base import StepOutputs
 from kd_lab.algorithms.kd import kd_loss
 from kd_lab.errors import KDLabError
 from kd_lab.schemes.base import Scheme
@@ -44,7 +44,7 @@ class Online(Scheme):
         for i, logits in enumerate(out.live_teacher_logits):
             name = "teacher" if i == 0 else f"teacher{i}"
             if self.teacher_ce_weight:
-                terms[f"{name}_ce"] = self.teacher_ce_weight * cross_entropy(logits, out.batch)
+                terms[f"{name}_ce"] = self.teacher_ce_weight * out.label_loss(logits)
             if self.teacher_kd_weight:
                 student = out.logits.detach()
                 terms[f"{name}_kd"] = self.teacher_kd_weight * kd_loss(logits, student, self.temperature)

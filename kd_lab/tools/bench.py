@@ -39,16 +39,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from kd_lab.run.builders import (
-    CONFIG_DIR,
-    build,
-    build_callbacks,
-    build_datamodule,
-    build_model,
-    build_module,
-    build_trainer,
-)
-from kd_lab.run.fused_steps import manual_step_overrides
+from kd_lab.run.assemble import build_run, trainer_overrides
+from kd_lab.run.builders import CONFIG_DIR, build, build_callbacks, build_datamodule, build_model, build_trainer
 from kd_lab.run.loggers import build_loggers, finish_loggers, quiet_lightning_console
 from kd_lab.tools.bench_loops import PlainRun, run_epoch
 from kd_lab.tools.bench_sources import per_sample_loader
@@ -106,17 +98,16 @@ def kdlab_times(cfg: DictConfig, teacher: torch.nn.Module, epochs: int) -> list[
     """One kd-lab fit, built as ``kd-lab`` builds it (the teacher given, not trained by the store)."""
     L.seed_everything(cfg.seed, verbose=False)
     datamodule = build_datamodule(cfg)
-    student = build_model(cfg.student.model)
-    module = build_module(
-        cfg, datamodule, student, build(cfg.algorithm), build(cfg.scheme), cfg.optim, [copy.deepcopy(teacher)]
-    )
+    run = build_run(cfg, datamodule)  # as train() builds it; the store's teacher replaced by the given one
+    for model in run.teachers:
+        model.load_state_dict(teacher.state_dict())
     timer = EpochTimer()
     loggers = build_loggers(cfg.get("logger"))
     callbacks = [*build_callbacks(cfg.get("callbacks")), timer]
-    manual = manual_step_overrides(cfg.trainer, module, datamodule.steps_per_batch)  # as train() does
-    trainer = build_trainer(cfg.trainer, callbacks, loggers or False, max_epochs=epochs, **manual)
+    overrides = trainer_overrides(cfg, run.module)  # as train() does
+    trainer = build_trainer(cfg.trainer, callbacks, loggers or False, max_epochs=epochs, **overrides)
     try:
-        trainer.fit(module, datamodule)
+        trainer.fit(run.module, datamodule)
     finally:
         finish_loggers(loggers)
     return timer.times()

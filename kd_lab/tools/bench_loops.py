@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kd_lab.algorithms.base import cross_entropy
 from kd_lab.algorithms.kd import kd_loss
+from kd_lab.core.tasks import cross_entropy
 
 Batch = dict[str, Tensor]
 

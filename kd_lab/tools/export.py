@@ -15,7 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from kd_lab.errors import KDLabError
-from kd_lab.run.builders import build, build_datamodule, build_model, build_module
+from kd_lab.run.assemble import build_module, build_step, build_task, perf_plan
+from kd_lab.run.builders import build, build_datamodule, build_model
 from kd_lab.tools.exits import executed_parameters, export_exit
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,11 @@ def load_run(run_dir: Path, which: str = "best"):
     if not ckpt.is_file():
         raise KDLabError(f"{ckpt} does not exist; the run's checkpoints are {sorted(ckpt.parent.glob('*.ckpt'))}.")
     datamodule = build_datamodule(cfg)
-    module = build_module(cfg, datamodule, build_model(cfg.student.model), build(cfg.algorithm), build(cfg.scheme),
-                          cfg.optim, [])  # fmt: skip
+    plan = perf_plan(cfg)
+    step = build_step(
+        datamodule, build_model(cfg.student.model), build(cfg.algorithm), build(cfg.scheme), build_task(cfg), [], plan
+    )
+    module = build_module(cfg, step, cfg.optim, plan)
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     module.load_state_dict({k: v for k, v in state.items() if not k.startswith("teachers.")})
     return module, datamodule

@@ -16,28 +16,29 @@ from typing import Any
 from hydra._internal.utils import _locate  # what instantiate() uses; get_object() also logs
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lab.data.base import TensorDataModule
+from kd_lab.core.bounds import bounds_of, check_value
 from kd_lab.errors import KDLabError
 from kd_lab.run.builders import CONFIG_DIR, META_KEYS, group_options, to_dict
-from kd_lab.run.checks.dry_build import dry_build
+from kd_lab.run.checks.compatibility import check_compatible
 from kd_lab.run.checks.groups import GROUP_SCHEMAS
 from kd_lab.run.checks.ranges import out_of_range
 from kd_lab.run.checks.signatures import EMPTY, Signature, fits, signature_of, type_name
-from kd_lab.schemes import check_compatible
 
 # nodes that kd_lab.run.builders.build() instantiates: it drops META_KEYS (name, extra_teachers, ...) first
-BUILT_WITHOUT_META = {"data", "algorithm", "scheme", "student.model", "teacher.model"}
+BUILT_WITHOUT_META = {"data", "task", "algorithm", "scheme", "perf", "student.model", "teacher.model"}
 BUILT_WITHOUT_META |= {f"{o}.{part}" for o in ("optim", "teacher.optim") for part in ("optimizer", "scheduler")}
 MAX_LISTED = 12
 # Lightning's special values of ckpt_path (not files)
 CKPT_KEYWORDS = ("last", "best", "hpc")
 
 
-def validate_config(cfg: DictConfig) -> TensorDataModule | None:
-    """Raise for the first mistake in ``cfg``; return the data module the dry build loaded, if it built one."""
+def validate_config(cfg: DictConfig) -> None:
+    """Raise for the first mistake in ``cfg``; nothing is built."""
     check_schema(cfg)
-    check_compatible(cfg.algorithm.name, cfg.scheme.name)  # the pairing rule first: it explains a build error
-    return dry_build(cfg)
+    task = cfg.get("task") or {}
+    kind = getattr(_locate(task["_target_"]), "kind", None) if "_target_" in task else None
+    # the pairing rules first: they explain a build error
+    check_compatible(cfg.algorithm.name, cfg.algorithm.get("_target_"), cfg.scheme.name, kind)
 
 
 def check_schema(cfg: DictConfig) -> None:
@@ -93,17 +94,32 @@ def _check_node(path: str, value: Any) -> None:
     if found is not None:
         signature, owner = found
         meta = set(META_KEYS) if path in BUILT_WITHOUT_META else set()
+        bounds = _bounds(value)
         for key, item in value.items():
             if key.startswith("_"):  # _target_, _partial_, _recursive_: Hydra's own
                 continue
             if key in signature.params:
                 _check_type(f"{path}.{key}", item, signature, owner, key)
+                if key in bounds:
+                    check_value(path, key, item, bounds[key])
             elif key not in meta and not signature.open:
                 listed = set(signature.params) | (meta & set(value))
                 raise KDLabError(_unknown_key_message(key, path, item, owner, listed, value))
     for key, item in value.items():
         if not key.startswith("_"):
             _check_node(f"{path}.{key}", item)
+
+
+def _bounds(node: dict[str, Any]) -> dict:
+    """The bounds that the node's target declares in its signature, along its MRO (``kd_lab.core.bounds``)."""
+    if "_target_" not in node:
+        return {}
+    target = _locate(node["_target_"])
+    inits = [k.__dict__["__init__"] for k in getattr(target, "__mro__", ()) if "__init__" in k.__dict__]
+    found: dict = {}
+    for init in reversed(inits or [target]):
+        found.update(bounds_of(getattr(init, "__wrapped__", init)))
+    return found
 
 
 def _unknown_key_message(key: str, path: str, value: Any, owner: str, valid: set[str], node: dict) -> str:

@@ -1,0 +1,6 @@
+"""Tasks (``conf/task/<name>.yaml``): what is learned and how it is measured; see ``base.Task``."""
+
+from kd_lab.core.tasks.base import Task
+from kd_lab.core.tasks.classification import Classification, cross_entropy
+
+__all__ = ["Classification", "Task", "cross_entropy"]

@@ -1,0 +1,175 @@
+"""``build_run(cfg)``: the one place that assembles a run from its config.
+
+data -> teachers (untrained: the store fills their weights later) -> student -> algorithm -> scheme -> task
+-> ``DistillationStep`` (the build-time checks) -> ``DistillationModule``, with the ``perf`` settings handed in
+as one frozen ``PerfPlan``. Nothing is changed on an object after it is built. The run that trains is this
+build: its teachers receive their trained weights (``kd_lab.run.teacher_store.fill_teachers``) in place.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from kd_lab.algorithms.base import Algorithm
+from kd_lab.core.step import DistillationStep
+from kd_lab.core.tasks.base import Task
+from kd_lab.data.base import TensorDataModule
+from kd_lab.errors import KDLabError
+from kd_lab.run.builders import build, build_model, config_hash, group_option
+from kd_lab.run.checkpoints import load_weights
+from kd_lab.run.module import DistillationModule
+from kd_lab.run.perf import PerfPlan
+from kd_lab.run.teacher_cache import TeacherCache, check_cacheable
+from kd_lab.schemes.base import Scheme
+
+
+@dataclass(frozen=True)
+class Run:
+    """A built run: every object ``train`` needs, built once."""
+
+    datamodule: TensorDataModule
+    teachers: list[nn.Module]
+    student: nn.Module
+    algorithm: Algorithm
+    scheme: Scheme
+    task: Task
+    step: DistillationStep
+    module: DistillationModule
+    plan: PerfPlan
+
+
+def perf_plan(cfg: DictConfig) -> PerfPlan:
+    return build(cfg.perf) if cfg.get("perf") else PerfPlan()
+
+
+def build_task(cfg: DictConfig) -> Task:
+    if not cfg.get("task"):
+        raise KDLabError("the config has no task: add `task: classification` to the defaults (conf/task).")
+    return build(cfg.task)
+
+
+def build_run(cfg: DictConfig, datamodule: TensorDataModule, scheme: Scheme | None = None) -> Run:
+    """The run of ``cfg`` on ``datamodule``; teachers from the store are built untrained."""
+    scheme = scheme or build(cfg.scheme)
+    teachers = fresh_teachers(cfg) if scheme.teacher_source == "fresh" else store_teachers(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the student's init, whatever came before
+    student = build_model(cfg.student.model)
+    algorithm = build(cfg.algorithm)
+    plan = perf_plan(cfg)
+    step = build_step(datamodule, student, algorithm, scheme, build_task(cfg), teachers, plan)
+    module = build_module(cfg, step, cfg.optim, plan)
+    return Run(datamodule, teachers, student, algorithm, scheme, step.task, step, module, plan)
+
+
+def build_step(
+    datamodule: TensorDataModule,
+    student: nn.Module,
+    algorithm: Algorithm,
+    scheme: Scheme,
+    task: Task,
+    teachers: list[nn.Module],
+    plan: PerfPlan,
+    trains_a_teacher: bool = False,
+) -> DistillationStep:
+    """``trains_a_teacher``: the model being trained is a teacher, so it reads the teacher's modality."""
+    datamodule.setup()  # loads and checks the data once (a no-op when loaded)
+    student_key = datamodule.teacher_input_key if trains_a_teacher else "input"
+    cache = None
+    if plan.cache_teacher and teachers and algorithm.needs_teacher:
+        check_cacheable(datamodule, scheme.trains_teacher)
+        inputs = datamodule.splits["train"][datamodule.teacher_input_key]
+        cache = TeacherCache(inputs, datamodule.eval_batch_size)
+    models = [student, *teachers]
+    if plan.channels_last:
+        for model in models:
+            model.to(memory_format=torch.channels_last)
+    step = DistillationStep(
+        student=student,
+        algorithm=algorithm,
+        scheme=scheme,
+        task=task,
+        example_input=datamodule.example_input(student_key),
+        teachers=teachers,
+        teacher_example_input=datamodule.example_input(datamodule.teacher_input_key),
+        input_key=student_key,
+        teacher_input_key=datamodule.teacher_input_key,
+        num_train=datamodule.num_train,
+        train_targets=datamodule.train_targets,
+        plan=plan.step_plan,
+        teacher_cache=cache,
+    )
+    if plan.compile:  # after the probes: compiling is lazy, the first training step pays for it
+        for model in models:
+            model.compile(backend=plan.compile_backend)
+    return step
+
+
+def build_module(cfg: DictConfig, step: DistillationStep, optim_cfg: DictConfig, plan: PerfPlan) -> DistillationModule:
+    clip = None
+    if step.algorithm.adversary() is not None and cfg.trainer.get("gradient_clip_val"):
+        # Lightning refuses trainer.gradient_clip_val when the module steps its optimizers itself
+        clip = (float(cfg.trainer.gradient_clip_val), cfg.trainer.get("gradient_clip_algorithm") or "norm")
+    return DistillationModule(
+        step,
+        optimizer=build(optim_cfg.optimizer, _partial_=True),
+        scheduler=build(optim_cfg.scheduler, _partial_=True) if optim_cfg.get("scheduler") else None,
+        config_hash=config_hash(cfg),
+        check_finite_every=plan.check_finite_every,
+        gradient_clip=clip,
+    )
+
+
+def trainer_overrides(cfg: DictConfig, module: DistillationModule) -> dict[str, Any]:
+    """What the Trainer of ``module`` needs beyond ``cfg.trainer``."""
+    overrides: dict[str, Any] = {}
+    if module.adversary is not None:
+        overrides.update(gradient_clip_val=None, gradient_clip_algorithm=None)  # the module clips (build_module)
+        if cfg.trainer.get("strategy") == "ddp":
+            overrides["strategy"] = "ddp_find_unused_parameters_true"  # each backward touches one player only
+    return overrides
+
+
+def store_teachers(cfg: DictConfig) -> list[nn.Module]:
+    """The run's teacher and the algorithm's extra teachers, untrained (``fill_teachers`` gives them weights)."""
+    if not cfg.get("teacher"):
+        return []
+    teachers = [build_model(cfg.teacher.model)]
+    for name in cfg.algorithm.get("extra_teachers") or []:
+        teachers.append(build_model(extra_teacher_cfg(cfg, name).teacher.model))
+    return teachers
+
+
+def extra_teacher_cfg(cfg: DictConfig, name: str) -> DictConfig:
+    """``cfg`` with ``conf/teacher/<name>.yaml`` as its teacher (the run's teacher recipe kept)."""
+    return group_option(cfg, "teacher", name, "teacher", keep=("optim",))
+
+
+def fresh_teachers(cfg: DictConfig) -> list[nn.Module]:
+    """Teachers that learn in the run: the teacher config, or a cohort's peers (``algorithm.peers`` - 1 models
+    from ``algorithm.peer_models``, student configs, by default copies of the student's architecture). Each
+    gets its own seed, so peers of one architecture start from different weights."""
+    teachers = []
+    for k, spec in enumerate(fresh_teacher_specs(cfg), start=1):
+        torch.manual_seed(cfg.seed + 100_003 * k)  # not the student's init stream
+        teacher = build_model(spec.model)
+        if spec.get("ckpt_path"):  # a warm start for an online teacher
+            load_weights(teacher, spec.ckpt_path, "teacher")
+        teachers.append(teacher)
+    return teachers
+
+
+def fresh_teacher_specs(cfg: DictConfig) -> list[DictConfig]:
+    peers = cfg.algorithm.get("peers")
+    if peers is None:
+        return [cfg.teacher]
+    names = list(cfg.algorithm.get("peer_models") or [cfg.student.name] * (peers - 1))
+    if len(names) != peers - 1:
+        raise KDLabError(
+            f"algorithm.peer_models names {len(names)} models for algorithm.peers={peers}: give peers - 1 "
+            "student configs (the student is peer 0), or leave it empty for copies of the student."
+        )
+    return [cfg.student if n == cfg.student.name else group_option(cfg, "student", n, "student").student for n in names]
