@@ -7,10 +7,10 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$PWD/logs/mnist1d_survey}
 export OMP_NUM_THREADS=1
-# every offline method but the ones that need other data (cross_modal), are chains (teacher_assistant), belong
+# every offline method but the ones that need other data (cross_modal), belong
 # to other schemes (below), or are a benchmark's variant of another (crd_kd: crd plus the kd term)
 algorithms=$(cd "$here/../../kd_lab/conf/algorithm" && ls *.yaml | sed 's/\.yaml$//' |
-  grep -vxE 'cross_modal|teacher_assistant|codistillation|byot|born_again|crd_kd' | paste -sd, -)
+  grep -vxE 'cross_modal|codistillation|byot|crd_kd' | paste -sd, -)
 
 run() {  # sweep name, student, overrides...
   local name=$1 student=$2; shift 2
@@ -34,8 +34,9 @@ rm -rf "$out/warmup"
 (
   run cnn1d_tiny cnn1d_tiny "algorithm=$algorithms"
   run cnn1d_tiny-xmodal cnn1d_tiny data=mnist1d_xmodal algorithm=none,cross_modal
-  run self cnn1d_tiny scheme=self algorithm=byot,born_again
-  run teacher_assistant cnn1d_tiny algorithm=teacher_assistant "algorithm.assistants=[cnn1d_small]"
+  run self cnn1d_tiny scheme=self algorithm=byot
+  run born_again cnn1d_tiny chain=born_again  # chains (conf/chain): earlier stages teach the run's kd
+  run teacher_assistant cnn1d_tiny chain=teacher_assistant "chain.assistants=[cnn1d_small]"
 ) &
 wait
 echo "all runs: $(( ($(date +%s) - start) / 60 )) min $(( ($(date +%s) - start) % 60 )) s"

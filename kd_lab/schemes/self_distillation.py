@@ -1,9 +1,8 @@
 """``self``: one network is its own teacher (the survey's self-distillation scheme).
 
-There is no external teacher: either the network's deepest classifier teaches classifiers attached to its
-shallower sections, all trained together (``algorithm=byot``, Zhang et al. 2019), or an earlier generation
-of the same architecture teaches the next (``algorithm=born_again``, Furlanello et al. 2018), where the
-earlier generation is frozen exactly like an offline teacher.
+There is no external teacher: the network's deepest classifier teaches classifiers attached to its shallower
+sections, all trained together (``algorithm=byot``, Zhang et al. 2019). Born-again generations (Furlanello et
+al. 2018) are a chain of offline stages (``chain=born_again``, kd_lab/run/chain.py).
 """
 
 from torch import nn
@@ -16,6 +15,6 @@ class SelfDistillation(Scheme):
     trains_teacher = False
     teacher_source = "none"
 
-    def prepare_teacher(self, teacher: nn.Module) -> nn.Module:  # a born-again generation: frozen
+    def prepare_teacher(self, teacher: nn.Module) -> nn.Module:  # frozen, as an offline teacher
         teacher.requires_grad_(False)
         return teacher.eval()
