@@ -16,6 +16,7 @@ from kd_lab.algorithms.pkt import PKT
 from kd_lab.algorithms.rkd import RKD
 from kd_lab.algorithms.soft_targets import kd_term
 from kd_lab.algorithms.sp import SP
+from kd_lab.algorithms.token_kd import TokenKD
 
 __all__ = [
     "BYOT",
@@ -35,6 +36,7 @@ __all__ = [
     "MultiTeacher",
     "NoDistillation",
     "StepOutputs",
+    "TokenKD",
     "kd_loss",
     "kd_term",
 ]

@@ -29,6 +29,7 @@ from kd_lab.errors import KDLabError
 class Codistillation(Algorithm):
     name = "codistillation"
     schemes = frozenset({"online"})
+    task_kinds = frozenset({"classification", "language_modeling"})
     trains_teachers = True
 
     def __init__(

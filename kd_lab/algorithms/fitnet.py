@@ -67,6 +67,26 @@ class Regressor(nn.Module):
         return teacher_feature if self.maps else pool_to_vector(teacher_feature)
 
 
+class TokenRegressor(nn.Module):
+    """A transformer's hidden states (B, T, H_s) -> (B, T, H_t): one linear map on the last axis (TinyBERT's W_h,
+    DistillKit's projection); the teacher's hidden states are the target as they are."""
+
+    def __init__(self, student_shape: torch.Size, teacher_shape: torch.Size):
+        super().__init__()
+        if len(student_shape) != 3 or student_shape[:2] != teacher_shape[:2]:
+            raise KDLabError(
+                f"algorithm=fitnet on a language model needs (batch, tokens, hidden) states of the same length; got "
+                f"{tuple(student_shape)} and {tuple(teacher_shape)}: tap transformer blocks (e.g. transformer.h.1)."
+            )
+        self.proj = nn.Linear(student_shape[-1], teacher_shape[-1])
+
+    def forward(self, student_feature: Tensor) -> Tensor:
+        return self.proj(student_feature)
+
+    def target(self, teacher_feature: Tensor) -> Tensor:
+        return teacher_feature
+
+
 def hint_loss(regressed: Tensor, hint: Tensor) -> Tensor:
     """Mean squared error over every element (unweighted)."""
     return F.mse_loss(regressed, hint)
@@ -75,6 +95,7 @@ def hint_loss(regressed: Tensor, hint: Tensor) -> Tensor:
 class FitNet(OneTapPair):
     name = "fitnet"
     schemes = frozenset({"offline", "online"})
+    task_kinds = frozenset({"classification", "language_modeling"})
 
     def __init__(
         self,
@@ -94,6 +115,9 @@ class FitNet(OneTapPair):
                 f"algorithm=fitnet needs features with a channel axis, (B, D) or (B, C, ...); student tap "
                 f"'{self.paths[0]}' gives {tuple(s_shape)}, teacher tap '{self.paths[1]}' gives {tuple(t_shape)}."
             )
+        if context.task.kind == "language_modeling":  # (B, T, H) hidden states: project H, per token
+            self.regressor = TokenRegressor(s_shape, t_shape)
+            return
         self.regressor = Regressor(s_shape, t_shape)
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:

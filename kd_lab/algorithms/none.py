@@ -8,6 +8,7 @@ from kd_lab.algorithms.base import Algorithm, StepOutputs
 class NoDistillation(Algorithm):
     name = "none"
     schemes = frozenset({"offline"})
+    task_kinds = frozenset({"classification", "language_modeling"})
     needs_teacher = False
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:

@@ -25,6 +25,15 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float, 
 
 
 def kd_term(out: StepOutputs, student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """``kd_loss`` over the positions that the run's task counts."""
-    mask = out.task.valid_positions(out.batch) if out.task is not None else None
-    return kd_loss(student_logits, teacher_logits, temperature, mask)
+    """``kd_loss`` over the positions that the run's task counts. A task that counts tokens divides the sum
+    by its normalizer (the global batch's valid tokens), as its label loss does; others take the batch mean."""
+    task = out.task
+    normalizer = task.token_normalizer(out.batch) if task is not None else None
+    if normalizer is None:
+        return kd_loss(student_logits, teacher_logits, temperature)
+    keep = task.valid_positions(out.batch).flatten()
+    s, t = student_logits.flatten(0, -2)[keep], teacher_logits.flatten(0, -2)[keep]
+    log_p_s = F.log_softmax(s.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(t.float() / temperature, dim=-1)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
+    return kl / normalizer * temperature**2

@@ -40,6 +40,22 @@ def resolve_module(model: nn.Module, path: str, role: str = "model") -> nn.Modul
 TapSpec = str | int
 
 
+def stage_taps(model: nn.Module) -> list[str]:
+    """The model's stages, shallow to deep: its ``stage_taps``, or for a transformer its blocks (the
+    ``nn.ModuleList`` holding the most parameters: ``transformer.h.0``, ``model.layers.0``, ...)."""
+    declared = getattr(model, "stage_taps", None)
+    if declared:
+        return list(declared)
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "model_type"):  # not a Hugging Face model
+        return []
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        return []
+    name, blocks = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+    return [f"{name}.{i}" for i in range(len(blocks))]
+
+
 def resolve_tap(model: nn.Module, spec: TapSpec, role: str = "model") -> str:
     """A tap given in config -> a module path.
 
@@ -49,10 +65,10 @@ def resolve_tap(model: nn.Module, spec: TapSpec, role: str = "model") -> str:
     Models of other libraries have no ``stage_taps``: give paths for them.
     """
     if spec == "middle":
-        stages = getattr(model, "stage_taps", None) or []
+        stages = stage_taps(model)
         spec = len(stages) // 2 if stages else -1  # no stages: the index below raises the clear error
     if isinstance(spec, int):
-        stages = getattr(model, "stage_taps", None)
+        stages = stage_taps(model)
         if not stages:
             raise KDLabError(
                 f"{role} ({type(model).__name__}) declares no stage_taps, so tap index {spec} means nothing; "

@@ -54,6 +54,7 @@ class DistillationStep:
         train_targets: Tensor | None = None,
         plan: StepPlan = StepPlan(),
         teacher_cache=None,  # kd_lab.run.teacher_cache.TeacherCache: frozen teachers' outputs, read by index
+        datamodule=None,  # what the task's model checks may ask (a language model's block size)
     ):
         teachers = [scheme.prepare_teacher(t) for t in teachers or []]
         if algorithm.needs_teacher and not teachers:
@@ -64,6 +65,9 @@ class DistillationStep:
         self.plan, self.teacher_cache = plan, teacher_cache
 
         teacher_example = example_input if teacher_example_input is None else teacher_example_input
+        task.check_model(student, datamodule, "student")
+        for i, teacher in enumerate(teachers):
+            task.check_model(teacher, datamodule, teacher_role(i))
         task.check_output(self._probe_logits(student, example_input, "student"), "student")
         for i, teacher in enumerate(teachers):
             task.check_output(self._probe_logits(teacher, teacher_example, teacher_role(i)), teacher_role(i))
@@ -104,13 +108,16 @@ class DistillationStep:
         return self.teachers[0] if self.teachers else None
 
     # -- build-time probes (eval mode, so normalization statistics are untouched) ------------------------
-    @staticmethod
+    def logits(self, output, role: str) -> Tensor:
+        """A model's output as the losses see it: the adapter's logits, in the task's view."""
+        return self.task.output_view(logits_of(output, role))
+
     @torch.no_grad()
-    def _probe_logits(model: nn.Module, example: Tensor, role: str) -> Tensor:
+    def _probe_logits(self, model: nn.Module, example: Tensor, role: str) -> Tensor:
         was_training = model.training
         model.eval()
         try:
-            return logits_of(model(example), role)
+            return self.logits(model(example), role)
         finally:
             model.train(was_training)
 
@@ -145,7 +152,7 @@ class DistillationStep:
         if with_teacher and self.teachers:
             self._teacher_outputs(out, batch)
         with self.student_recorder:
-            out.logits = logits_of(self.student(self.model_input(batch, self.input_key)), "student")
+            out.logits = self.logits(self.student(self.model_input(batch, self.input_key)), "student")
         out.features = self.student_recorder.features
         return out
 
@@ -161,7 +168,7 @@ class DistillationStep:
             with torch.inference_mode() if inference else torch.set_grad_enabled(learning):
                 for i, (teacher, recorder) in enumerate(zip(self.teachers, self.teacher_recorders, strict=True)):
                     with recorder:
-                        out.all_teacher_logits.append(logits_of(teacher(x_t), teacher_role(i)))
+                        out.all_teacher_logits.append(self.logits(teacher(x_t), teacher_role(i)))
                     out.all_teacher_features.append(recorder.features)
             if inference:  # inference tensors cannot be saved for backward: normal copies for the losses
                 out.all_teacher_logits = [z.clone() for z in out.all_teacher_logits]
@@ -188,12 +195,12 @@ class DistillationStep:
         """The student's logits, and those of every other model evaluated next to it (``extra_names``)."""
         x = batch[self.input_key]
         if not self.extra_names:
-            return logits_of(self.student(x), "student"), {}
+            return self.logits(self.student(x), "student"), {}
         with self.student_recorder:
-            logits = logits_of(self.student(x), "student")
+            logits = self.logits(self.student(x), "student")
         extra = self.algorithm.exit_logits(self.student_recorder.features)
         for name, teacher in zip(self.learning_teacher_names, self.teachers, strict=True):
-            extra[name] = logits_of(teacher(batch[self.teacher_input_key]), name)
+            extra[name] = self.logits(teacher(batch[self.teacher_input_key]), name)
         extra["ensemble"] = self.task.ensemble([logits, *extra.values()])
         return logits, extra
 
@@ -203,4 +210,4 @@ class DistillationStep:
             return None
         if self.learning_teacher_names:
             return extra[self.learning_teacher_names[0]]
-        return logits_of(self.teacher(batch[self.teacher_input_key]), "teacher")
+        return self.logits(self.teacher(batch[self.teacher_input_key]), "teacher")

@@ -101,6 +101,7 @@ def build_step(
         train_targets=datamodule.train_targets,
         plan=plan.step_plan,
         teacher_cache=cache,
+        datamodule=datamodule,
     )
     if plan.compile:  # after the probes: compiling is lazy, the first training step pays for it
         for model in models:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from kd_lab.errors import KDLabError
 from kd_lab.run.builders import group_option, replace_nodes, to_dict
 from kd_lab.run.ddp import global_rank
-from kd_lab.run.teacher_store import cached_entry, learning_context, short_hash, teacher_key
+from kd_lab.run.teacher_store import cached_entry, headline, learning_context, short_hash, teacher_key
 from kd_lab.utils.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def resolve_chain(
 
         meta, reused = cached_entry(entry, run_stage)
         if reused:
-            log.info("Chain stage %s: reusing %s (test acc %.4f)", name, entry, meta["metrics"]["test/acc"])
+            log.info("Chain stage %s: reusing %s (%s)", name, entry, headline(meta["metrics"]))
         infos.append({"stage": name, "reused": reused, "path": str(entry), "key": key, **meta})
         teacher, parent = _as_teacher(cfg, student, str(entry / "teacher.pt")), key
     return replace_nodes(cfg, teacher=teacher), infos

@@ -99,11 +99,14 @@ def fill_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModule
     meta, reused = cached_entry(entry, lambda staging: train_teacher(cfg, model, datamodule, staging))
     if reused:  # otherwise ``model`` holds the weights just trained (ranks > 0 never wait for rank 0's file)
         load_weights(model, entry / "teacher.pt", "teacher")
-        log.info(
-            "Reusing cached teacher %s (key %s, test acc %.4f) from %s",
-            t.name, key, meta["metrics"].get("test/acc", float("nan")), entry,
-        )  # fmt: skip
+        log.info("Reusing cached teacher %s (key %s, %s) from %s", t.name, key, headline(meta["metrics"]), entry)
     return {**info, "source": "cache", "reused": reused, "path": str(entry), "key": key, **meta}
+
+
+def headline(metrics: dict[str, float], name: str | None = None) -> str:
+    """``test/<headline> <value>`` of a store entry's metrics (the task's headline, else the first test metric)."""
+    key = f"test/{name}" if name else next((k for k in metrics if k.startswith("test/")), None)
+    return f"{key} {metrics[key]:.4f}" if key in metrics else "no test metric"
 
 
 def cached_entry(entry: Path, make: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
@@ -170,5 +173,5 @@ def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModul
         model.train(was_training)
     if is_zero:
         atomic_torch_save(model.state_dict(), staging / "teacher.pt")
-    log.info("Teacher %s trained: test acc %.4f", t.name, metrics.get("test/acc", float("nan")))
+    log.info("Teacher %s trained: %s", t.name, headline(metrics, step.task.headline))
     return {"metrics": metrics, "train_seconds": time.perf_counter() - start, "config": to_dict(t)}

@@ -115,6 +115,8 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
         else:  # no checkpoint (fast_dev_run, checkpointing off): the last weights are all there is
             results["best"] = dict(results["last"])
         results["algorithm"] = run.algorithm.report(run.student, datamodule.example_input(run.step.input_key))
+        if trainer.is_global_zero:  # generation speed, acceptance rate: what the task measures beyond metrics
+            results["report"] = run.task.report(run.student, teacher, datamodule)
         for logger in loggers:
             logger.log_metrics({"params/student": results["params"]["student"]})
         results["status"] = "finished"
@@ -164,6 +166,13 @@ def summary(results: dict[str, Any], path: Path) -> str:
     others = {k.split("/")[0]: v for k, v in best.items() if k.endswith(f"/{head}")}
     if others:  # models evaluated next to the student: learning teachers, peers, exits, their ensemble
         lines.append("  also: " + " | ".join(f"{name} {value:.4f}" for name, value in others.items()))
+    report = results.get("report") or {}
+    if report.get("generation"):
+        speeds = " | ".join(f"{k} {v['tokens_per_second']:.0f}" for k, v in report["generation"].items())
+        lines.append(f"  generation tokens/s (KV cache): {speeds}")
+    if report.get("speculative"):
+        rates = " | ".join(f"{k} {v['acceptance_rate']:.3f}" for k, v in report["speculative"].items())
+        lines.append(f"  student as a draft for the teacher, acceptance rate: {rates}")
     for stage in results.get("chain", []):
         lines.append(f"  chain stage {stage['stage']}: test {metric} {stage['metrics'][head]:.4f}")
     p = results["params"]

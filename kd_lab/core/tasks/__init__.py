@@ -2,5 +2,6 @@
 
 from kd_lab.core.tasks.base import Task
 from kd_lab.core.tasks.classification import Classification, cross_entropy
+from kd_lab.core.tasks.language_modeling import LanguageModeling
 
-__all__ = ["Classification", "Task", "cross_entropy"]
+__all__ = ["Classification", "LanguageModeling", "Task", "cross_entropy"]

@@ -42,7 +42,18 @@ class Task:
         """A boolean mask over the logits' leading axes of the positions that count, or None for all."""
         return None
 
+    def token_normalizer(self, batch: dict[str, Tensor]) -> Tensor | None:
+        """What a sum of a loss over the batch's valid positions is divided by (None: the local batchmean)."""
+        return None
+
+    def output_view(self, logits: Tensor) -> Tensor:
+        """The logits as the losses and metrics see them (a language model's padded vocabulary is cut off)."""
+        return logits
+
     # -- checks before compute -------------------------------------------------------------------------
+    def check_model(self, model: nn.Module, datamodule, role: str) -> None:
+        """Raise ``KDLabError`` when a model cannot serve this task on this data (before any forward)."""
+
     def check_output(self, logits: Tensor, role: str) -> None:
         """Raise ``KDLabError`` when a model's logits (probed on an example batch) cannot serve this task."""
 
@@ -66,6 +77,10 @@ class Task:
     def ensemble(self, logits: list[Tensor]) -> Tensor:
         """What the ensemble of the student and the models evaluated next to it predicts: mean probabilities."""
         return torch.stack([z.float().softmax(-1) for z in logits]).mean(0)
+
+    def report(self, student: nn.Module, teacher: nn.Module | None, datamodule) -> dict:
+        """What results.json records after testing beyond the metrics (e.g. generation speed)."""
+        return {}
 
     def better(self, value: float, best: float | None) -> bool:
         """Whether ``value`` of the monitored metric beats ``best`` (None: nothing yet)."""
