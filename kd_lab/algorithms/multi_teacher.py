@@ -48,6 +48,7 @@ def aggregate(
 class MultiTeacher(Algorithm):
     name = "multi_teacher"
     schemes = frozenset({"offline"})
+    task_kinds = frozenset({"classification", "language_modeling"})
 
     def __init__(
         self,
@@ -107,9 +108,18 @@ class MultiTeacher(Algorithm):
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         terms = self.ce_term(out)
         t = self.temperature
-        p_agg = aggregate(out.all_teacher_logits, t, self.aggregation, self.teacher_weights, out.target)
-        log_p_s = F.log_softmax(out.logits / t, dim=-1)
-        terms["kd"] = self.kd_weight * t**2 * F.kl_div(log_p_s, p_agg, reduction="batchmean")
+        logits, teacher_logits, target = out.logits, out.all_teacher_logits, out.target
+        normalizer = out.task.token_normalizer(out.batch) if out.task is not None else None
+        if normalizer is not None:  # tokens: the positions that count, as (N, V) rows
+            keep = out.task.valid_positions(out.batch)
+            logits, target = logits[keep], target[keep]
+            teacher_logits = [z[keep] for z in teacher_logits]
+        p_agg = aggregate(teacher_logits, t, self.aggregation, self.teacher_weights, target)
+        log_p_s = F.log_softmax(logits / t, dim=-1)
+        if normalizer is None:
+            terms["kd"] = self.kd_weight * t**2 * F.kl_div(log_p_s, p_agg, reduction="batchmean")
+        else:  # the sum over valid tokens divided by the global batch's valid tokens, as the task's loss
+            terms["kd"] = self.kd_weight * t**2 * F.kl_div(log_p_s, p_agg, reduction="sum") / normalizer
         if self.hint_weight:
             e_s = flat(out.features[self.student_path])
             hints = [

@@ -55,6 +55,9 @@ def build_task(cfg: DictConfig) -> Task:
 def build_run(cfg: DictConfig, datamodule: TensorDataModule, scheme: Scheme | None = None) -> Run:
     """The run of ``cfg`` on ``datamodule``; teachers from the store are built untrained."""
     scheme = scheme or build(cfg.scheme)
+    # A store teacher's initial weights are drawn from the run seed's stream, right after seeding (as before
+    # the assembly was one function); loading the data must not move them.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     teachers = fresh_teachers(cfg) if scheme.teacher_source == "fresh" else store_teachers(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the student's init, whatever came before
     student = build_model(cfg.student.model)

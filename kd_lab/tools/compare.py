@@ -1,6 +1,7 @@
 """``kd-lab-compare <run dirs or multirun dirs>``: one table from many ``results.json`` files.
 
-Runs are grouped by (data, teacher, student, algorithm, scheme); each row gives test accuracy mean and std
+Runs are grouped by (data, teacher, student, algorithm, scheme); each row gives the task's headline test
+metric (``results.json``'s ``task.headline``: accuracy for classification, perplexity for language models) mean and std
 over seeds at the best-validation epoch and at the last epoch (both protocols, because the benchmarks
 disagree: RepDistiller reports the last epoch, mdistiller the best), the gain over the vanilla student of
 the same (data, teacher, student), the teacher's accuracy, student-teacher agreement, the parameter ratio,
@@ -58,6 +59,11 @@ def find_results(paths: list[str]) -> list[Path]:
     return found
 
 
+def headline(r: dict[str, Any]) -> str:
+    """The run's headline metric key (``test/acc`` for runs written before results.json named it)."""
+    return (r.get("task") or {}).get("headline", "test/acc")
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -91,9 +97,12 @@ def summarize(files: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, 
         row: dict[str, Any] = dict(zip(KEY, key[:-1], strict=True))
         chosen = dict(key[-1])
         row["setting"] = " ".join(f"{k}={chosen.get(k, '-')}" for k in sorted(varying[key[:-1]])) or "-"
+        head = headline(runs[0])
+        row["metric"] = head.split("/", 1)[1]
         for protocol in ("best", "last"):
-            row[f"acc_{protocol}"], row[f"std_{protocol}"] = mean_std([r[protocol]["test/acc"] for r in runs])
-        teacher = [r["best"]["test/teacher_acc"] for r in runs if "test/teacher_acc" in r["best"]]
+            row[f"acc_{protocol}"], row[f"std_{protocol}"] = mean_std([r[protocol][head] for r in runs])
+        teacher_key = f"test/teacher_{row['metric']}"
+        teacher = [r["best"][teacher_key] for r in runs if teacher_key in r["best"]]
         agree = [r["best"]["test/agreement"] for r in runs if "test/agreement" in r["best"]]
         row["teacher_acc"] = statistics.fmean(teacher) if teacher else None
         row["agreement"] = statistics.fmean(agree) if agree else None
@@ -119,11 +128,12 @@ def other_models(runs: list[dict[str, Any]]) -> str:
     at the best-validation epoch) and the stages of a chain: ``name mean±std`` over the seeds."""
     accs: dict[str, list[float]] = defaultdict(list)
     for r in runs:
+        head = headline(r)
         for key, value in r["best"].items():
-            if key.endswith("/test/acc"):
+            if key.endswith(f"/{head}"):
                 accs[key.split("/")[0]].append(value)
         for stage in r.get("chain", []):
-            accs[f"stage {stage['stage']}"].append(stage["metrics"]["test/acc"])
+            accs[f"stage {stage['stage']}"].append(stage["metrics"][head])
     stats = {name: mean_std(v) for name, v in accs.items()}
     return ", ".join(f"{name} {mean:.4f}±{std:.4f}" for name, (mean, std) in stats.items()) or "-"
 
@@ -133,9 +143,15 @@ def fmt(value: Any, spec: str = ".4f") -> str:
 
 
 def markdown(rows: list[dict[str, Any]], problems: list[tuple[str, str]]) -> str:
-    head = "| data | teacher | student | algorithm | scheme | setting | test acc (best val) | test acc (last) | gain vs vanilla | teacher acc | agreement | student/teacher params | other models (test acc) | wall s | seeds |"  # noqa: E501
+    m = (rows[0].get("metric", "acc") if rows else "acc") if len({r.get("metric") for r in rows}) <= 1 else "value"
+    head = (
+        f"| data | teacher | student | algorithm | scheme | setting | test {m} (best val) | test {m} (last) "
+        f"| gain vs vanilla | teacher {m} | agreement | student/teacher params | other models (test {m}) "
+        "| wall s | seeds |"
+    )
+    what = {"acc": "Test accuracy", "ppl": "Test perplexity (lower is better)"}.get(m, f"Test {m}")
     lines = [
-        "Test accuracy: mean ± std over seeds, at the epoch of best validation accuracy and at the last epoch.",
+        f"{what}: mean ± std over seeds, at the epoch of best validation {m} and at the last epoch.",
         "",
         head,
         "|" + "---|" * (head.count("|") - 1),

@@ -34,8 +34,13 @@ def accuracy_by_method(rows: list[dict[str, Any]], path: Path) -> Path:
     nrows = -(-len(panels) // ncols)
     tallest = max(len(v) for v in panels.values())
     fig = Figure(figsize=(4.8 * ncols, (0.6 + 0.26 * tallest) * nrows + 0.6), layout="constrained")
-    low = max(0.0, min(r["acc_best"] - r["std_best"] for r in rows) - 0.05)
-    high = min(1.0, max(r["acc_best"] + r["std_best"] for r in rows) + 0.02)
+    low = min(r["acc_best"] - r["std_best"] for r in rows)
+    high = max(r["acc_best"] + r["std_best"] for r in rows)
+    if rows[0].get("metric", "acc") == "acc":  # accuracies: a margin, within [0, 1]
+        low, high = max(0.0, low - 0.05), min(1.0, high + 0.02)
+    else:  # another metric (perplexity): 5% of its range on each side
+        pad = 0.05 * (high - low or abs(high) or 1.0)
+        low, high = low - pad, high + pad
     for i, (student, panel) in enumerate(panels.items()):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         ys = range(len(panel))
@@ -46,7 +51,9 @@ def accuracy_by_method(rows: list[dict[str, Any]], path: Path) -> Path:
         ax.set_xlim(low, high)
         ax.set_title(student, fontsize=8)
         ax.tick_params(axis="x", labelsize=7)
-    fig.supxlabel(PROTOCOL.replace("\n", " "), fontsize=8)
+    metric = rows[0].get("metric", "acc")
+    label = PROTOCOL.replace("\n", " ")
+    fig.supxlabel(label if metric == "acc" else label.replace("accuracy", metric), fontsize=8)
     fig.savefig(path, dpi=120)
     return path
 
