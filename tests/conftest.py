@@ -1,5 +1,6 @@
-"""Shared fixtures: compose configs in-process (imports and compose cost seconds; subprocesses only for CLI
-and sweep tests), with every path under pytest's tmp dirs and one thread per process (STACK-NOTES)."""
+"""Shared fixtures: compose configs in-process (imports and compose cost 4-5 s per process; subprocesses only for
+CLI and sweep tests), with every path under pytest's tmp dirs and one thread per process (under CPU contention,
+torch's default of 2 threads made a tiny model ~170x slower)."""
 
 import os
 from collections.abc import Callable

@@ -66,9 +66,6 @@ class BackwardCounter(L.Callback):
         self.calls += 1
 
 
-# one optimizer step per Lightning batch: for tests that read single batches from a data module, or whose
-
-
 class BatchPeeker(L.Callback):
     """Looks at every training batch."""
 
@@ -97,12 +94,21 @@ def assert_same_results(reference: dict, other: dict, abs_tol: float = 1e-6, pro
             assert other[protocol][key] == pytest.approx(value, abs=abs_tol), (protocol, key)
 
 
-def start(root: Path, *args: str) -> subprocess.Popen:
-    """``kd-lab <args>`` started in a subprocess under ``root`` (to be killed, or ``finish``ed)."""
+def start(root: Path, *args: str, new_session: bool = False) -> subprocess.Popen:
+    """``kd-lab <args>`` started in a subprocess under ``root`` (to be killed, or ``finish``ed). ``new_session``:
+    in a process group of its own, with the DDP ranks it starts, so ``os.killpg(proc.pid, ...)`` kills them all."""
     env = subprocess_env(root)
     root.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "kd_lab.run.train", *args]
-    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=new_session,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: int = 240) -> str:

@@ -149,6 +149,24 @@ def test_missing_resume_checkpoint(make_cfg, on_disk, tmp_path):
     on_disk()
 
 
+@pytest.mark.parametrize(
+    ("chain", "scheme"),
+    [
+        (["chain=born_again"], ["scheme=online", "algorithm=codistillation"]),
+        (["chain=teacher_assistant", "chain.assistants=[mlp_medium]"], ["scheme=self", "algorithm=byot"]),
+    ],
+)
+def test_a_chain_under_another_scheme_than_offline(make_cfg, on_disk, chain, scheme):
+    """Caught before the chain's first stage trains."""
+    name, other = chain[0].split("=")[1], scheme[0].split("=")[1]
+    fails(
+        make_cfg(*chain, *scheme),
+        f"chain={name} needs scheme=offline: each stage's student becomes the next stage's frozen teacher",
+        f"drop scheme={other}.",
+    )
+    on_disk()
+
+
 @pytest.mark.slow
 def test_every_shipped_option_passes_the_schema(tmp_path):
     """No false alarms: every option of every group is valid. The i-th option of each group goes into the
@@ -165,7 +183,7 @@ def test_every_shipped_option_passes_the_schema(tmp_path):
             check_schema(compose("train", overrides=[*picked, f"paths.output_dir={tmp_path}"]))
 
 
-# -- taps and connectors: caught by the dry build, before the teacher store trains a teacher -----------------
+# -- taps and connectors: caught by the run's build (untrained teachers), before the store trains one -----
 def test_tap_path_that_does_not_exist(make_cfg, on_disk):
     fails(
         make_cfg("algorithm=fitnet", "algorithm.student_tap=layer.0"),

@@ -63,7 +63,7 @@ def test_the_wheel_carries_code_and_configs_and_runs_from_an_empty_directory(tmp
     assert configs and configs <= names, sorted(configs - names)[:10]
     assert "kd_lab/conf/hydra/help/kd_lab.yaml" in names and "kd_lab/run/train.py" in names
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-    assert "kd-lab = kd_lab.run.train:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "kd-lab = kd_lab.run.train:cli" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
     venv = fresh_venv(tmp_path, wheel)
     empty = tmp_path / "empty"

@@ -3,6 +3,7 @@ the same run left alone; resume errors name the path and the fix."""
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import time
@@ -44,23 +45,37 @@ def checkpoint_epoch(path: Path) -> int:
         return -1
 
 
-def kill_mid_training(proc: subprocess.Popen, root: Path, epoch: int, timeout: float = 180) -> Path:
+def kill_mid_training(
+    proc: subprocess.Popen, root: Path, epoch: int, run: str = "logs/runs/*", group: bool = False, timeout: float = 180
+) -> Path:
+    """SIGKILL ``proc`` once the run dir matching ``root / run`` has checkpointed ``epoch``; ``group``: its whole
+    process group (a DDP run's ranks, started with ``start(..., new_session=True)``), as a job's kill would."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
-        runs = list((root / "logs" / "runs").glob("*/checkpoints/last.ckpt"))
+        runs = list(root.glob(f"{run}/checkpoints/last.ckpt"))
         if runs and checkpoint_epoch(runs[0]) >= epoch:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed: give it more epochs"
-    proc.send_signal(signal.SIGKILL)
+    if group:
+        os.killpg(proc.pid, signal.SIGKILL)
+    else:
+        proc.send_signal(signal.SIGKILL)
     proc.wait()
-    return run_dir(root)
+    (path,) = root.glob(run)
+    return path
 
 
 def final_metrics(path: Path) -> dict[str, float]:
     results = json.loads((path / "results.json").read_text())
     assert results["status"] == "finished", results.get("error")
     return {f"{protocol}/{k}": v for protocol in ("best", "last") for k, v in results[protocol].items()}
+
+
+def csv_epochs(run: Path) -> list[int]:
+    """The epochs of the validation rows of ``run``'s CSV log."""
+    with (run / "csv" / "metrics.csv").open() as f:
+        return [int(r["epoch"]) for r in csv.DictReader(f) if r["val/acc"]]
 
 
 @pytest.mark.slow
@@ -87,8 +102,61 @@ def test_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path):
     assert len(list(run.glob(".hydra-resume-*/overrides.yaml"))) == 1
     wandb_id = OmegaConf.load(run / RESUME_FILE).logger.wandb.id
     assert len(list((run / "wandb").glob(f"offline-run-*-{wandb_id}"))) == 2  # `wandb sync` appends them
-    with (run / "csv" / "metrics.csv").open() as f:  # the killed part's rows kept, the re-run epoch not twice
-        assert [int(r["epoch"]) for r in csv.DictReader(f) if r["val/acc"]] == list(range(30))
+    assert csv_epochs(run) == list(range(30))  # the killed part's rows kept, the re-run epoch not twice
+
+
+@pytest.mark.slow
+def test_a_killed_multirun_job_resumes_to_the_metrics_of_the_sweep_left_alone(tmp_path):
+    """``kd-lab -m`` with 2 jobs, killed during job 1 (the process runs the jobs one after the other, so the sweep
+    stops there); ``kd-lab resume=<job 1's dir>`` continues that job in its own directory with its own config."""
+    sweep = [*(a for a in RUN if not a.startswith("logger=")), "logger=csv", "seed=0,1"]
+    killed = start(tmp_path / "killed", "-m", *sweep)
+    alone = start(tmp_path / "alone", "-m", *sweep)
+    job = kill_mid_training(killed, tmp_path / "killed", epoch=3, run="logs/multiruns/*/1_*")
+    assert not (job / "results.json").exists()
+    (first,) = job.parent.glob("0_*")
+    assert json.loads((first / "results.json").read_text())["status"] == "finished"  # job 0 had finished
+    original_hydra = (job / ".hydra" / "config.yaml").read_text()
+
+    # quoted: a job dir's name has = and , (Hydra's override grammar would read them as its own)
+    out = finish(start(tmp_path / "killed", f"resume={job}"))  # unquoted: kd-lab quotes it for Hydra
+    finish(alone)
+    assert "Reusing cached teacher" in out
+    (reference,) = (tmp_path / "alone" / "logs" / "multiruns").glob("*/1_*")
+    resumed, expected = final_metrics(job), final_metrics(reference)
+    assert resumed.keys() == expected.keys()
+    for key, value in expected.items():
+        assert resumed[key] == pytest.approx(value, abs=1e-6), key
+    results = json.loads((job / "results.json").read_text())
+    assert results["seed"] == 1 and results["resumed_from"] == str(job / "checkpoints" / "last.ckpt")
+    assert results["last"]["epoch"] == 29
+    assert (job / ".hydra" / "config.yaml").read_text() == original_hydra
+    assert not list((tmp_path / "killed" / "logs" / "runs").glob("*"))  # no new run dir: the job's own
+    assert csv_epochs(job) == list(range(30))
+
+
+@pytest.mark.slow
+def test_a_killed_ddp_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path):
+    """``trainer=ddp_cpu`` (2 processes, gloo): both ranks SIGKILLed mid-training; the resume starts both
+    again, every rank restores rank 0's checkpoint (weights, optimizer, CRD's all-gathered banks, generators)."""
+    ddp = [a for a in RUN if not a.startswith(("logger=", "trainer.max_epochs="))]
+    ddp += ["trainer=ddp_cpu", "trainer.max_epochs=16", "logger=csv"]  # 16: ample after a kill at epoch 3
+    killed = start(tmp_path / "killed", *ddp, new_session=True)
+    alone = start(tmp_path / "alone", *ddp)
+    run = kill_mid_training(killed, tmp_path / "killed", epoch=3, group=True)
+    assert not (run / "results.json").exists()
+
+    finish(start(tmp_path / "killed", f"resume={run}"))
+    finish(alone)
+    resumed, reference = final_metrics(run), final_metrics(run_dir(tmp_path / "alone"))
+    assert resumed.keys() == reference.keys()
+    for key, value in reference.items():
+        assert resumed[key] == pytest.approx(value, abs=1e-6), key
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 2 and results["last"]["epoch"] == 15
+    assert results["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
+    assert (run / "ddp_rank_1.log").is_file()  # rank 1 of the resume ran in the run's directory
+    assert csv_epochs(run) == list(range(16))
 
 
 def test_resume_errors_name_the_path_and_the_fix(make_cfg, tmp_path):

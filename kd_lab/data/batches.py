@@ -1,8 +1,8 @@
 """Batches sliced from in-memory tensors, and the same batches from DataLoader workers for large data.
 
 Small data sets (MNIST-1D, digits, CIFAR) fit in memory many times over; a DataLoader over a TensorDataset
-costs ~30x more per epoch than slicing pre-loaded tensors (STACK-NOTES), so we slice: one permutation per
-epoch, one gather per batch, no per-sample Python. On an accelerator the tensors can live on the device
+costs ~30x more per epoch than slicing pre-loaded tensors (MNIST-1D, docs/performance.md), so we slice: one
+permutation per epoch, one gather per batch, no per-sample Python. On an accelerator the tensors can live on the device
 itself (``TensorDataModule``'s ``serve`` rule): then a batch is a gather on the device and never crosses PCIe.
 Data too large for that are served by ``loader_batches``: the same batches, gathered (and transformed) in
 DataLoader worker processes into pinned memory, copied to the device without blocking.

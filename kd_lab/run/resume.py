@@ -34,6 +34,18 @@ FRESH_RUN = "start a fresh run (kd-lab <the original overrides>) instead"
 # ``kd_if_resume`` (conf/hydra/default.yaml) is registered in kd_lab/__init__.py, imported before this.
 
 
+def quote_resume_override(argv: list[str]) -> list[str]:
+    """``resume=<dir>`` with the directory quoted for Hydra's override parser: a multirun job's directory
+    (``3_algorithm=kd,seed=1``) holds ``=`` and ``,``, which an unquoted value may not. Quoted values pass."""
+    quoted = []
+    for arg in argv:
+        if arg.startswith("resume=") and not arg[len("resume=") :].startswith(("'", '"')):
+            value = arg[len("resume=") :].replace("\\", "\\\\").replace("'", "\\'")
+            arg = f"resume='{value}'"
+        quoted.append(arg)
+    return quoted
+
+
 def _wandb_node(cfg: DictConfig) -> DictConfig | None:
     for spec in (cfg.get("logger") or {}).values():
         if spec and str(spec.get("_target_", "")).endswith("WandbLogger"):

@@ -6,6 +6,7 @@ algorithm, scheme -> DistillationModule -> fit -> test the last and the best-val
 """
 
 import logging
+import sys
 import time
 import traceback
 import warnings
@@ -28,7 +29,13 @@ from kd_lab.run.ddp import job_scope, patch_lightning_hydra_launcher
 from kd_lab.run.loggers import build_loggers, finish_loggers, quiet_lightning_console
 from kd_lab.run.module import count_parameters
 from kd_lab.run.results import write_results
-from kd_lab.run.resume import continue_csv_logs, rng_states, set_rng_states, start_or_resume
+from kd_lab.run.resume import (
+    continue_csv_logs,
+    quote_resume_override,
+    rng_states,
+    set_rng_states,
+    start_or_resume,
+)
 from kd_lab.run.teacher_store import fill_teachers
 
 log = logging.getLogger(__name__)
@@ -205,5 +212,11 @@ def main(cfg: DictConfig) -> float | None:
     return results["best"].get(results["task"]["monitor"])  # what a sweeper optimizes: validation, never test
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The ``kd-lab`` command: ``main`` with ``resume=<dir>`` quoted for Hydra (kd_lab/run/resume.py)."""
+    sys.argv = quote_resume_override(sys.argv)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -163,9 +163,13 @@ def markdown(rows: list[dict[str, Any]], problems: list[tuple[str, str]]) -> str
             f"| {fmt(r['gain_best'], '+.4f')} | {fmt(r['teacher_acc'])} | {fmt(r['agreement'])} "
             f"| {fmt(r['param_ratio'], '.3f')} | {r['others']} | {r['wall_s']:.1f} | {r['seeds']} |"
         )
-    if problems:
-        lines += ["", "Runs not in the table:", *[f"- {run}: {why}" for run, why in problems]]
+    if problems:  # named by their last two path parts: a kept table names no path of the machine that made it
+        lines += ["", "Runs not in the table:", *[f"- {short_path(run)}: {why}" for run, why in problems]]
     return "\n".join(lines)
+
+
+def short_path(run: str) -> str:
+    return "/".join(Path(run).parts[-2:])
 
 
 def main(argv: list[str] | None = None) -> int:

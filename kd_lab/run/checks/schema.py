@@ -3,10 +3,11 @@ the key, the bad value, what is allowed and the fix, before anything is trained 
 
 Checked, in this order: keys that no schema knows (``+algorithm.temprature=4``; the closest valid key is
 suggested), values of the wrong type (``algorithm.temperature=hot``), values out of range (the table in
-``kd_lab.run.checks.ranges``), files named by the config, the algorithm-scheme pairing, and finally a build of
-the whole run with untrained teachers (``kd_lab.run.checks.dry_build``: tap paths, connectors, class counts,
-data). Unknown options of a group (``algorithm=kdd``) never reach this: Hydra rejects them while composing
-and lists the valid options.
+``kd_lab.run.checks.ranges``, and the bounds in signatures, ``kd_lab.core.bounds``), files named by the
+config, and the algorithm x scheme x task pairing. Nothing is built: tap paths, connectors, output shapes and
+the data are checked by the data module's setup and the run's one build, with untrained teachers
+(``kd_lab.run.assemble.build_run``). Unknown options of a group (``algorithm=kdd``) never reach this: Hydra
+rejects them while composing and lists the valid options.
 """
 
 import difflib
