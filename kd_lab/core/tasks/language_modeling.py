@@ -13,6 +13,8 @@ After testing, ``report`` measures generation speed of student and teacher and t
 acceptance rate of the student as a draft for the teacher (causal LM only).
 """
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -33,6 +35,30 @@ def global_count(local: Tensor) -> Tensor:
         dist.all_reduce(total)
         return total / dist.get_world_size()
     return local.detach()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model")
+
+
+def check_tokenizer(model: nn.Module, datamodule, role: str) -> None:
+    """Refuse a model loaded from a directory that holds a tokenizer other than the data's: token ids would
+    mean other strings, and no slicing of logits can fix that."""
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    data_tokenizer = getattr(datamodule, "tokenizer", None)
+    if not source or data_tokenizer is None or not Path(source).is_dir():
+        return
+    if not any((Path(source) / name).is_file() for name in TOKENIZER_FILES):
+        return
+    from kd_lab.data.text.tokenizer import load_pretrained
+
+    theirs = load_pretrained(source)
+    if theirs.fingerprint != data_tokenizer.fingerprint:
+        raise KDLabError(
+            f"the {role} was saved with its own tokenizer ({source}), which differs from the data's "
+            f"({data_tokenizer.source}): the same ids mean other tokens. Use it for the data too "
+            f"(data.tokenizer={source}); teachers and students with different tokenizers need cross-tokenizer "
+            "methods (ULD, MinED), which kd-lab does not have."
+        )
 
 
 class LanguageModeling(Task):
@@ -89,6 +115,7 @@ class LanguageModeling(Task):
         check_positions = getattr(datamodule, "check_model_positions", None)
         if positions and check_positions:
             check_positions(int(positions))
+        check_tokenizer(model, datamodule, role)
 
     def check_output(self, logits: Tensor, role: str) -> None:
         if logits.dim() != 3:
