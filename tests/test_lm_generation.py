@@ -116,5 +116,19 @@ def test_one_step_speculation_samples_the_target_distribution():
 def test_speculation_input_errors():
     with pytest.raises(KDLabError, match="mode="):
         acceptance_rate(lm(), lm(), prompts(), mode="beam")
-    with pytest.raises(KDLabError, match="vocab_size"):
-        acceptance_rate(lm(vocab_size=40), lm(), prompts(vocab=40))
+
+
+def test_padded_vocabularies_share_their_first_rows():
+    """A draft whose embedding is padded beyond the target's is cut to the target's vocabulary: with the padding
+    rows unused by the prompts, it proposes exactly what the unpadded draft proposes."""
+    draft = lm()
+    padded = lm(vocab_size=draft.config.vocab_size + 8)
+    with torch.no_grad():
+        padded.transformer.wte.weight[: draft.config.vocab_size] = draft.transformer.wte.weight
+        for (name, a), (_, b) in zip(draft.named_parameters(), padded.named_parameters(), strict=True):
+            if "wte" not in name and a.shape == b.shape:
+                b.copy_(a)
+    target = lm(seed=1)
+    same = acceptance_rate(draft, target, prompts(), mode="greedy")
+    cut = acceptance_rate(padded, target, prompts(), mode="greedy")
+    assert same == cut

@@ -16,6 +16,7 @@ TINY = [
     "experiment=lm", "logger=none", "trainer.accelerator=cpu", "data.vocab_size=300", "data.block_size=16",
     "teacher.model.hidden_size=16", "teacher.model.num_layers=1", "teacher.model.num_heads=2",
     "student.model.hidden_size=16", "student.model.num_layers=1", "student.model.num_heads=2",
+    "task.prompt_length=4", "task.new_tokens=4",
 ]  # fmt: skip
 
 

@@ -117,9 +117,16 @@ class DistillationStep:
         was_training = model.training
         model.eval()
         try:
-            return self.logits(model(example), role)
+            output = model(example)
+        except (RuntimeError, IndexError, TypeError, ValueError) as e:  # the model cannot read this data at all
+            raise KDLabError(
+                f"the {role} ({type(model).__name__}) cannot take the data's input (a {example.dtype} tensor of "
+                f"shape {tuple(example.shape)}): {type(e).__name__}: {e}. Pick a {role} made for this data "
+                f"(the task is {self.task.name})."
+            ) from e
         finally:
             model.train(was_training)
+        return self.logits(output, role)
 
     @torch.no_grad()
     def _probe_features(self, example: Tensor) -> dict[str, Tensor]:

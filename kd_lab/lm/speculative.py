@@ -78,8 +78,9 @@ def speculative_decode(
         raise KDLabError(f"mode={mode!r}: use one of {', '.join(MODES)}")
     if gamma < 1:
         raise KDLabError(f"gamma={gamma} must be at least 1")
-    if vocab_size(draft) != vocab_size(target):
-        raise KDLabError(f"draft vocab_size {vocab_size(draft)} != target vocab_size {vocab_size(target)}")
+    # Vocabularies that differ by embedding padding share their first rows: both are cut to the shorter one
+    # (exact when no token id reaches the padding, as for a tokenizer smaller than both).
+    shared = min(vocab_size(draft), vocab_size(target))
     check_prompts(draft, prompts, max_new_tokens)
     check_prompts(target, prompts, max_new_tokens)
     if mode == "sampled" and temperature <= 0:
@@ -90,20 +91,24 @@ def speculative_decode(
     with eval_mode(draft, target), torch.inference_mode():
         for prompt in prompts:
             rows.append(
-                _decode_one(draft, target, prompt[None], gamma, max_new_tokens, mode, temperature, generator, run)
+                _decode_one(
+                    draft, target, prompt[None], gamma, max_new_tokens, mode, temperature, generator, run, shared
+                )
             )
     run.sequences = torch.cat(rows)
     return run
 
 
-def _decode_one(draft, target, seq: Tensor, gamma, max_new_tokens, mode, temperature, generator, run) -> Tensor:
+def _decode_one(
+    draft, target, seq: Tensor, gamma, max_new_tokens, mode, temperature, generator, run, shared: int
+) -> Tensor:
     end = seq.shape[1] + max_new_tokens
     cache = DynamicCache()
     while seq.shape[1] < end:
         g = min(gamma, end - seq.shape[1])
-        tokens, q = _propose(draft, cache, seq, g, mode, temperature, generator)
+        tokens, q = _propose(draft, cache, seq, g, mode, temperature, generator, shared)
         # Logits at positions len-1 .. len+g-1 score the g draft tokens and the token after them.
-        logits = target(input_ids=torch.cat([seq, tokens[None]], dim=1)).logits[0, seq.shape[1] - 1 :]
+        logits = target(input_ids=torch.cat([seq, tokens[None]], dim=1)).logits[0, seq.shape[1] - 1 :, :shared]
         if mode == "greedy":
             n, token = verify_greedy(tokens, logits)
         else:
@@ -119,12 +124,12 @@ def _decode_one(draft, target, seq: Tensor, gamma, max_new_tokens, mode, tempera
     return seq[:, :end]
 
 
-def _propose(draft, cache, seq: Tensor, g: int, mode: str, temperature: float, generator):
+def _propose(draft, cache, seq: Tensor, g: int, mode: str, temperature: float, generator, shared: int):
     """``g`` draft tokens and, in sampled mode, the ``(g, V)`` draft probabilities they were drawn from."""
     step = seq[:, cache.get_seq_length() :]  # tokens the draft's cache has not seen yet
     tokens, probs = [], []
     for _ in range(g):
-        logits = draft(input_ids=step, use_cache=True, **{cache_kwarg(draft): cache}).logits[0, -1]
+        logits = draft(input_ids=step, use_cache=True, **{cache_kwarg(draft): cache}).logits[0, -1, :shared]
         if mode == "greedy":
             token = logits.argmax()
         else:

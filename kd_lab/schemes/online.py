@@ -14,7 +14,7 @@ Defaults: ``teacher_ce_weight`` 1 (the teacher learns from the labels like a van
 from torch import Tensor, nn
 
 from kd_lab.algorithms.base import StepOutputs
-from kd_lab.algorithms.kd import kd_loss
+from kd_lab.algorithms.soft_targets import kd_term
 from kd_lab.errors import KDLabError
 from kd_lab.schemes.base import Scheme
 
@@ -47,5 +47,5 @@ class Online(Scheme):
                 terms[f"{name}_ce"] = self.teacher_ce_weight * out.label_loss(logits)
             if self.teacher_kd_weight:
                 student = out.logits.detach()
-                terms[f"{name}_kd"] = self.teacher_kd_weight * kd_loss(logits, student, self.temperature)
+                terms[f"{name}_kd"] = self.teacher_kd_weight * kd_term(out, logits, student, self.temperature)
         return terms

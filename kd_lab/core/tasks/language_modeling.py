@@ -115,6 +115,15 @@ class LanguageModeling(Task):
         check_positions = getattr(datamodule, "check_model_positions", None)
         if positions and check_positions:
             check_positions(int(positions))
+        if positions and self.objective == "causal" and self.prompt_length + self.new_tokens > positions:
+            raise KDLabError(
+                f"task.prompt_length={self.prompt_length} + task.new_tokens={self.new_tokens} exceed the {role}'s "
+                f"{positions} positions, so the generation report after training could not run; lower them "
+                f"(e.g. task.new_tokens={max(1, int(positions) - self.prompt_length)})."
+            )
+        vocab = getattr(config, "vocab_size", None)
+        if vocab is not None and vocab < self.vocab_size:  # before any forward: its embedding would fail first
+            raise self.vocabulary_error(role, vocab)
         check_tokenizer(model, datamodule, role)
 
     def check_output(self, logits: Tensor, role: str) -> None:
@@ -124,12 +133,15 @@ class LanguageModeling(Task):
                 "(batch, tokens, vocabulary): use a language model (kd_lab.models.hf.causal_lm or masked_lm)."
             )
         if logits.shape[-1] < self.vocab_size:
-            raise KDLabError(
-                f"the {role} predicts {logits.shape[-1]} tokens but the tokenizer has {self.vocab_size}: the model "
-                "was made for another tokenizer. Build it with vocab_size=${data.vocab_size}, or load its own "
-                "tokenizer (data.tokenizer=<its directory>); teachers and students with different tokenizers "
-                "need cross-tokenizer methods (ULD, MinED), which kd-lab does not have."
-            )
+            raise self.vocabulary_error(role, logits.shape[-1])
+
+    def vocabulary_error(self, role: str, vocab: int) -> KDLabError:
+        return KDLabError(
+            f"the {role} predicts {vocab} tokens but the tokenizer has {self.vocab_size}: the model "
+            "was made for another tokenizer. Build it with vocab_size=${data.vocab_size}, or load its own "
+            "tokenizer (data.tokenizer=<its directory>); teachers and students with different tokenizers "
+            "need cross-tokenizer methods (ULD, MinED), which kd-lab does not have."
+        )
 
     # -- evaluation ------------------------------------------------------------------------------------
     def student_metrics(self) -> dict[str, Metric]:
