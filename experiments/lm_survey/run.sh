@@ -9,17 +9,18 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$PWD/logs/lm_survey}
 epochs=${LM_SURVEY_EPOCHS:-5}
 export OMP_NUM_THREADS=1
+kd_lab=${KD_LAB:-kd-lab}  # the command; e.g. KD_LAB="python -m kd_lab.run.train" for a checkout on PYTHONPATH
 common=(experiment=lm "trainer.max_epochs=$epochs" logger=csv)
 
 run() {  # sweep name, overrides...
   local name=$1; shift
-  kd-lab -m "${common[@]}" seed=0,1,2 "hydra.sweep.dir=$out/$name" "$@" > "$out/$name.log" 2>&1 \
+  $kd_lab -m "${common[@]}" seed=0,1,2 "hydra.sweep.dir=$out/$name" "$@" > "$out/$name.log" 2>&1 \
     || echo "sweep $name exited with $? (see $out/$name.log)"
 }
 
 mkdir -p "$out"
 start=$(date +%s)
-kd-lab "${common[@]}" algorithm=none trainer.max_epochs=1 logger=none "hydra.run.dir=$out/warmup" \
+$kd_lab "${common[@]}" algorithm=none trainer.max_epochs=1 logger=none "hydra.run.dir=$out/warmup" \
   > "$out/warmup.log" 2>&1  # trains and caches the teacher once, before the parallel streams
 rm -rf "$out/warmup"
 # Two streams, one per core.
@@ -36,4 +37,4 @@ rm -rf "$out/warmup"
 ) &
 wait
 echo "all runs: $(( ($(date +%s) - start) / 60 )) min $(( ($(date +%s) - start) % 60 )) s"
-kd-lab-compare "$out"/*/ --markdown "$here/results.md" --csv "$here/results.csv"
+${KD_LAB_COMPARE:-kd-lab-compare} "$out"/*/ --markdown "$here/results.md" --csv "$here/results.csv"

@@ -112,6 +112,7 @@ def summarize(files: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, 
         row["others"] = other_models(runs)
         row["wall_s"] = statistics.fmean(r["wall_seconds"] for r in runs)
         row["seeds"] = len(runs)
+        row["draft_acceptance"] = acceptance(runs)
         rows.append(row)
     vanilla = {(r["data"], r["teacher"], r["student"]): r for r in rows if r["algorithm"] == "none"}
     for row in rows:
@@ -121,6 +122,18 @@ def summarize(files: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, 
             base = same[0] if len(same) == 1 else None
         row["gain_best"] = row["acc_best"] - base["acc_best"] if base else None
     return rows, problems
+
+
+def acceptance(runs: list[dict[str, Any]]) -> str | None:
+    """The student's speculative-decoding acceptance rate as a draft for the teacher (language models):
+    ``greedy mean / sampled mean`` over the seeds, or None when the runs did not measure it."""
+    rates = defaultdict(list)
+    for r in runs:
+        for mode, values in ((r.get("report") or {}).get("speculative") or {}).items():
+            rates[mode].append(values["acceptance_rate"])
+    if not rates:
+        return None
+    return " / ".join(f"{statistics.fmean(rates[m]):.3f}" for m in ("greedy", "sampled") if m in rates)
 
 
 def other_models(runs: list[dict[str, Any]]) -> str:
@@ -149,6 +162,9 @@ def markdown(rows: list[dict[str, Any]], problems: list[tuple[str, str]]) -> str
         f"| gain vs vanilla | teacher {m} | agreement | student/teacher params | other models (test {m}) "
         "| wall s | seeds |"
     )
+    drafts = any(r.get("draft_acceptance") for r in rows)  # language models: the acceptance-rate column
+    if drafts:
+        head = head.replace("| wall s |", "| draft acceptance (greedy / sampled) | wall s |")
     what = {"acc": "Test accuracy", "ppl": "Test perplexity (lower is better)"}.get(m, f"Test {m}")
     lines = [
         f"{what}: mean ± std over seeds, at the epoch of best validation {m} and at the last epoch.",
@@ -161,7 +177,9 @@ def markdown(rows: list[dict[str, Any]], problems: list[tuple[str, str]]) -> str
             f"| {r['data']} | {r['teacher']} | {r['student']} | {r['algorithm']} | {r['scheme']} | {r['setting']} "
             f"| {r['acc_best']:.4f} ± {r['std_best']:.4f} | {r['acc_last']:.4f} ± {r['std_last']:.4f} "
             f"| {fmt(r['gain_best'], '+.4f')} | {fmt(r['teacher_acc'])} | {fmt(r['agreement'])} "
-            f"| {fmt(r['param_ratio'], '.3f')} | {r['others']} | {r['wall_s']:.1f} | {r['seeds']} |"
+            f"| {fmt(r['param_ratio'], '.3f')} | {r['others']} "
+            + (f"| {r.get('draft_acceptance') or '-'} " if drafts else "")
+            + f"| {r['wall_s']:.1f} | {r['seeds']} |"
         )
     if problems:  # named by their last two path parts: a kept table names no path of the machine that made it
         lines += ["", "Runs not in the table:", *[f"- {short_path(run)}: {why}" for run, why in problems]]
