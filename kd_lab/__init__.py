@@ -34,3 +34,33 @@ def short_name(text: str, limit: int = 64) -> str:
 
 
 OmegaConf.register_new_resolver("kd_short_name", short_name, replace=True)
+
+
+def unique_dir(path: str) -> str:
+    """``path``, or ``path-2``, ``path-3``, ...: the first of them this call creates (``os.mkdir`` fails if it
+    exists, so two processes never get the same one); its parents are created as needed. Run and sweep dirs
+    are named to the second (conf/hydra/default.yaml): two runs with the same name started in the same second
+    used to share one directory, and one run's results.json and checkpoints overwrote the other's."""
+    import os
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    candidate, n = path, 1
+    while True:
+        try:
+            os.mkdir(candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = f"{path}-{n}"
+
+
+def run_dir(resume: str | None, path: str) -> str:
+    """The Hydra run dir: the ``resume=`` directory as given (nothing created), else a new ``unique_dir``."""
+    return unique_dir(path) if resume is None else resume
+
+
+# Cached (use_cache): a config resolves its run or sweep dir once, and Hydra copies the cache into every job of a
+# sweep (load_sweep_config) and pickles it with a job sent to a joblib or submitit worker, so every job of one
+# sweep sees the directory created once. A DDP rank > 0 gets hydra.run.dir explicitly (kd_lab/run/ddp.py).
+OmegaConf.register_new_resolver("kd_unique_dir", unique_dir, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("kd_run_dir", run_dir, replace=True, use_cache=True)

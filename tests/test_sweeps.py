@@ -32,8 +32,11 @@ def the_sweep(tmp_path: Path) -> Path:
 def test_joblib_runs_jobs_in_parallel_processes_and_records_failures(tmp_path):
     """Two jobs on two loky workers at once; the one with a 7-class student fails inside train() and is
     recorded as failed while the other finishes (the sweep goes on)."""
-    out = run_kd_lab(tmp_path, "-m", "hydra/launcher=parallel", "debug=fdr", *TINY, "student.model.num_classes=7,10")
+    out = run_kd_lab(
+        tmp_path, "-m", "hydra/launcher=parallel", "debug=fdr", *TINY, "student.model.num_classes=7,10", check=False
+    )
     assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr
+    assert out.returncode == 1 and "1 of 2 jobs finished; failed:" in out.stderr
     runs = job_results(the_sweep(tmp_path))
     assert sorted((r["config"]["student"]["model"]["num_classes"], r["status"]) for r in runs) == [
         (7, "failed"),

@@ -61,10 +61,13 @@ class _Step:
 
 class FiniteGuard:
     """Raise ``NonFiniteLossError`` for the first step whose loss is not finite, checked every ``every``
-    steps (``every=1``: at once) and whenever ``check()`` is called (the end of an epoch)."""
+    steps (``every=1``: at once) and whenever ``check()`` is called (the end of an epoch). ``role``: whose
+    training it watches, ``"student"`` (the run, ``optim.*``) or ``"teacher"`` (the teacher store training a
+    teacher, ``teacher.optim.*``): the message names that model and its recipe."""
 
-    def __init__(self, every: int = 1):
+    def __init__(self, every: int = 1, role: str = "student"):
         self.every = max(1, int(every))
+        self.role = role
         self.pending: list[_Step] = []
 
     def watch(self, epoch: int, step: int, names: tuple[str, ...], values: Tensor, loss: Tensor) -> None:
@@ -85,8 +88,20 @@ class FiniteGuard:
         first = pending[int((~finite).nonzero()[0])]
         values = first.values[1:].tolist()
         bad = [(name, v) for name, v in zip(first.names, values, strict=True) if not torch.isfinite(torch.tensor(v))]
-        raise NonFiniteLossError(
-            f"non-finite loss at epoch {first.epoch}, step {first.step}: term(s) {[b[0] for b in bad]} = "
-            f"{[b[1] for b in bad]}. Lower the learning rate or that term's weight; checkpoints and logs written "
-            "so far are kept."
+        raise NonFiniteLossError(non_finite_message(self.role, first.epoch, first.step, bad))
+
+
+def non_finite_message(role: str, epoch: int, step: int, bad: list[tuple[str, float]]) -> str:
+    """The one sentence of a non-finite loss: where, which terms, and the recipe to change (the student's
+    ``optim.*``, or the teacher's own ``teacher.optim.*`` while the teacher store trains it)."""
+    terms = f"term(s) {[b[0] for b in bad]} = {[b[1] for b in bad]}"
+    if role == "student":
+        return (
+            f"non-finite loss at epoch {epoch}, step {step}: {terms}. Lower the learning rate "
+            "(optim.optimizer.lr) or that term's weight; checkpoints and logs written so far are kept."
         )
+    return (
+        f"non-finite loss while training the {role} (the teacher store trains it before the student) at epoch "
+        f"{epoch}, step {step}: {terms}. The {role}'s own recipe diverged: lower {role}.optim.optimizer.lr (or "
+        f"change {role}.optim.*; optim.* is the student's); no teacher-store entry was written."
+    )

@@ -55,9 +55,8 @@ def build_task(cfg: DictConfig) -> Task:
 def build_run(cfg: DictConfig, datamodule: TensorDataModule, scheme: Scheme | None = None) -> Run:
     """The run of ``cfg`` on ``datamodule``; teachers from the store are built untrained."""
     scheme = scheme or build(cfg.scheme)
-    # A store teacher's initial weights are drawn from the run seed's stream, right after seeding (as before
-    # the assembly was one function); loading the data must not move them.
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # Store teachers are built untrained here; their weights come from the store, a checkpoint, or training
+    # from initial weights drawn from teacher.seed (kd_lab.run.teacher_store.train_teacher), never this run's seed.
     teachers = fresh_teachers(cfg) if scheme.teacher_source == "fresh" else store_teachers(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the student's init, whatever came before
     student = build_model(cfg.student.model)
@@ -112,7 +111,10 @@ def build_step(
     return step
 
 
-def build_module(cfg: DictConfig, step: DistillationStep, optim_cfg: DictConfig, plan: PerfPlan) -> DistillationModule:
+def build_module(
+    cfg: DictConfig, step: DistillationStep, optim_cfg: DictConfig, plan: PerfPlan, role: str = "student"
+) -> DistillationModule:
+    """``role``: which model the module trains, for messages (``teacher``: the teacher store trains it)."""
     clip = None
     if step.algorithm.adversary() is not None and cfg.trainer.get("gradient_clip_val"):
         # Lightning refuses trainer.gradient_clip_val when the module steps its optimizers itself
@@ -124,6 +126,7 @@ def build_module(cfg: DictConfig, step: DistillationStep, optim_cfg: DictConfig,
         config_hash=config_hash(cfg),
         check_finite_every=plan.check_finite_every,
         gradient_clip=clip,
+        role=role,
     )
 
 

@@ -9,6 +9,9 @@ from torch import nn
 from kd_lab.errors import KDLabError, brief
 
 SHOWN = 5  # keys listed per kind of mismatch
+# a file that has at least this fraction of the model's keys, each with the right shape, and nothing else, is
+# the model's own state with keys lost (damaged or cut), not the state of another architecture
+INCOMPLETE_AT = 0.5
 
 
 def _fix(path: Path, role: str) -> str:
@@ -28,6 +31,8 @@ def read_state_dict(path: str | Path, role: str = "teacher") -> dict[str, torch.
             f"{role}.ckpt_path={path} is a directory, not a checkpoint file; point it at a file"
             + (f", e.g. {inside[0]}." if inside else " (a teacher.pt or a run's checkpoints/best.ckpt).")
         )
+    if not path.is_file() and (path.parent / "meta.json").is_file():  # a store entry that lost its weights
+        raise KDLabError(f"teacher-store entry {path.parent} is damaged: it has no {path.name}; {_fix(path, role)}.")
     if not path.is_file():
         raise KDLabError(
             f"{role}.ckpt_path={path} does not exist. Point it at a checkpoint file, or set "
@@ -71,6 +76,14 @@ def load_weights(model: nn.Module, path: str | Path, role: str = "teacher") -> n
         for k, v in own.items()
         if k in state and state[k].shape != v.shape
     ]
+    fitting = len(own) - len(missing) - len(mismatched)
+    if missing and not unexpected and not mismatched and fitting >= INCOMPLETE_AT * len(own):
+        raise KDLabError(
+            f"{role} checkpoint {path} does not fit {type(model).__name__} ({role}.model): it has {fitting} of "
+            f"its {len(own)} keys, all with the right shapes, but lacks {_listed(missing)}. It is incomplete or "
+            f"damaged (a state of this architecture with keys lost, not another architecture): "
+            f"{_fix(Path(path), role)}."
+        )
     if missing or unexpected or mismatched:
         raise KDLabError(
             f"{role} checkpoint {path} does not fit {type(model).__name__} ({role}.model): "

@@ -6,24 +6,36 @@ second or two (name lookup included: a resolver without network can stall for ma
 thread with a deadline); online without credentials would ask for a login (an error without a terminal, a
 prompt that blocks with one), so it falls back to offline with a warning too. ``WandbLogger(offline=True)``
 leaks ``WANDB_MODE=dryrun`` into the environment, so the mode is passed through to ``wandb.init`` instead;
-every job of a multirun must ``wandb.finish()`` (or all of its jobs log into one run).
+every job of a multirun must ``wandb.finish()`` (or all of its jobs log into one run). A server that opens a
+connection but is not W&B, or rejects the key, made ``wandb.init`` fail with a ``CommError`` (after the
+teacher was trained), so the probe also asks the server who the key belongs to (W&B's GraphQL ``viewer``,
+one request with a deadline), and an online ``wandb.init`` that fails anyway is retried offline.
 """
 
+import base64
 import contextlib
+import json
 import logging
 import netrc
 import os
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from urllib.parse import urlparse
 
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig
 
+from kd_lab.errors import brief
+
 log = logging.getLogger(__name__)
 SYNC_HINT = "<run dir>/wandb/offline-run-*"
+CONNECT_TIMEOUT = 2.0  # name lookup and TCP connect
+ANSWER_TIMEOUT = 5.0  # the server's answer to one GraphQL query
+VIEWER_QUERY = "query Viewer { viewer { id } }"
 
 
 def _has_wandb_credentials() -> bool:
@@ -38,11 +50,68 @@ def _has_wandb_credentials() -> bool:
         return False
 
 
+def _api_key() -> str | None:
+    """The API key ``wandb`` would send: ``WANDB_API_KEY``, else the netrc entry of the server's host (None for
+    an identity token file, which ``wandb`` exchanges itself)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return os.environ["WANDB_API_KEY"]
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        found = netrc.netrc(path).authenticators(urlparse(_wandb_base_url()).hostname or "")
+    except (netrc.NetrcParseError, OSError):
+        return None
+    return found[2] if found else None
+
+
 def _wandb_base_url() -> str:
     return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
 
 
-def _reachable(url: str, timeout: float = 2.0) -> bool:
+def _not_wandb(url: str, key: str, timeout: float | None = None) -> str | None:
+    """None when ``url`` answers W&B's GraphQL API with the user of ``key``; otherwise what it did instead, as
+    the warning says it. One POST, given up after ``timeout`` seconds whatever the server does (a server that
+    accepts the connection and never answers, or answers byte by byte, cannot hold the run)."""
+    timeout = ANSWER_TIMEOUT if timeout is None else timeout
+    endpoint = url.rstrip("/") + "/graphql"
+    found: list[str | None] = []
+    ask = threading.Thread(target=_ask_viewer, args=(endpoint, key, timeout, found), daemon=True)
+    ask.start()
+    ask.join(timeout)
+    return found[0] if found else f"did not answer {endpoint} within {timeout:g} s"
+
+
+def _ask_viewer(endpoint: str, key: str, timeout: float, found: list) -> None:
+    token = base64.b64encode(f"api:{key}".encode()).decode()
+    request = urllib.request.Request(
+        endpoint,
+        data=json.dumps({"query": VIEWER_QUERY}).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Basic {token}"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read(1 << 20)
+    except urllib.error.HTTPError as e:
+        rejected = e.code in (401, 403)
+        answer = f"rejects the API key (HTTP {e.code})" if rejected else f"is not W&B (HTTP {e.code} on {endpoint})"
+        found.append(answer)
+        return
+    except Exception as e:  # refused, reset, timed out, bad TLS: no W&B answer
+        found.append(f"gave no W&B answer for {endpoint} ({brief(e, 100)})")
+        return
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        reply = None
+    if not isinstance(reply, dict) or not ("data" in reply or "errors" in reply):
+        found.append(f"is not W&B (HTTP 200 on {endpoint}, but no GraphQL reply)")
+    elif not (reply.get("data") or {}).get("viewer"):
+        found.append("rejects the API key (no user for it)")
+    else:
+        found.append(None)
+
+
+def _reachable(url: str, timeout: float = CONNECT_TIMEOUT) -> bool:
     """Whether a TCP connection to ``url``'s host opens within ``timeout`` seconds, name lookup included."""
     parsed = urlparse(url)
     port = parsed.port or (80 if parsed.scheme == "http" else 443)
@@ -72,8 +141,9 @@ def _lookup(host: str | None, port: int, found: list) -> None:
 
 
 def wandb_mode(requested: str | None) -> str:
-    """``requested`` (config) > ``WANDB_MODE`` > online if credentials and server reachable > offline.
-    Online asked for but impossible (no credentials, no server) falls back to offline with a warning."""
+    """``requested`` (config) > ``WANDB_MODE`` > online if credentials and a W&B server that accepts them >
+    offline. Online asked for but impossible (no credentials, no server, a server that is not W&B or rejects
+    the key) falls back to offline with a warning."""
     mode = requested or os.environ.get("WANDB_MODE")
     if mode == "dryrun":
         mode = "offline"
@@ -88,14 +158,53 @@ def wandb_mode(requested: str | None) -> str:
                 SYNC_HINT,
             )
         return "offline"
-    if _reachable(_wandb_base_url()):
+    url = _wandb_base_url()
+    if not _reachable(url):
+        log.warning(
+            "W&B server %s unreachable within %g s: logging offline; sync later with `wandb sync %s`.",
+            url,
+            CONNECT_TIMEOUT,
+            SYNC_HINT,
+        )
+        return "offline"
+    key = _api_key()
+    why = _not_wandb(url, key) if key else None
+    if why is None:
         return "online"
+    fix = "WANDB_API_KEY or `wandb login`" if why.startswith("rejects") else "WANDB_BASE_URL"
     log.warning(
-        "W&B server %s unreachable within 2 s: logging offline; sync later with `wandb sync %s`.",
-        _wandb_base_url(),
-        SYNC_HINT,
+        "W&B server %s %s: logging offline; check %s, and sync later with `wandb sync %s`.", url, why, fix, SYNC_HINT
     )
     return "offline"
+
+
+# seconds an online wandb.init may take before the run goes offline (W&B's own default waits 90 s)
+INIT_TIMEOUT = 20
+
+
+def _wandb_logger(spec: dict) -> WandbLogger:
+    """The W&B logger of ``spec``; an online run is started here, so that a server that fails ``wandb.init``
+    anyway (after the probe) makes an offline run with a warning instead of ending the training."""
+    mode = wandb_mode(spec.get("mode"))
+    extra = {} if mode != "online" or "settings" in spec else {"settings": {"init_timeout": INIT_TIMEOUT}}
+    logger = instantiate(spec, mode=mode, **extra)
+    if logger._wandb_init["mode"] != "online":
+        return logger
+    try:
+        logger.experiment  # noqa: B018  (wandb.init on rank zero; a no-op elsewhere)
+    except Exception as e:  # wandb.errors.CommError, UsageError, AuthenticationError, a timeout
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+        log.warning(
+            "W&B server %s could not start an online run (%s): logging offline; sync later with `wandb sync %s`.",
+            _wandb_base_url(),
+            brief(e, 200, sentence=True),
+            SYNC_HINT,
+        )
+        logger = instantiate(spec, mode="offline")
+    return logger
 
 
 def build_loggers(cfg: DictConfig | None) -> list[Logger]:
@@ -104,7 +213,7 @@ def build_loggers(cfg: DictConfig | None) -> list[Logger]:
         if not spec or "_target_" not in spec:
             continue
         if spec["_target_"].endswith("WandbLogger"):
-            loggers.append(instantiate(spec, mode=wandb_mode(spec.get("mode"))))
+            loggers.append(_wandb_logger(spec))
             log.info("W&B logging %s to %s", loggers[-1]._wandb_init["mode"], spec.get("save_dir"))
         else:
             loggers.append(instantiate(spec))

@@ -23,6 +23,31 @@ OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer, int, int], torch.optim.lr_scheduler.LRScheduler]
 
 
+class NoOptimizerStep(KDLabError):
+    """A fit that ended without a single optimizer step: its weights are the initial ones."""
+
+    def __init__(self, reason: str, who: str = "the run", consequence: str = "nothing was learned"):
+        self.reason = reason
+        super().__init__(f"{who} took no optimizer step ({consequence}): {reason}")
+
+
+def no_step_reason(trainer: L.Trainer) -> str:
+    """Why a fit took no step, and the fix: most often a batch larger than the training set."""
+    datamodule = trainer.datamodule
+    batch, n = getattr(datamodule, "batch_size", None), getattr(datamodule, "num_train", None)
+    if batch and n is not None and batch > n // trainer.world_size:
+        per_process = n // trainer.world_size
+        has = f"{n} training samples" + (f", {per_process} per process" if trainer.world_size > 1 else "")
+        return (
+            f"data.batch_size={batch} is larger than the {has}, and a training epoch uses full batches only; "
+            f"set data.batch_size to at most {per_process}."
+        )
+    return (
+        f"{trainer.num_training_batches} training batches per epoch, trainer.max_epochs={trainer.max_epochs}; "
+        "check trainer.limit_train_batches and trainer.max_steps."
+    )
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -40,10 +65,12 @@ class DistillationModule(L.LightningModule):
         config_hash: int = 0,
         check_finite_every: int | None = None,
         gradient_clip: tuple[float, str] | None = None,
+        role: str = "student",
     ):
         """``check_finite_every``: steps between non-finite loss checks (None: 1 on CPU, 50 on GPU).
         ``gradient_clip``: ``(value, algorithm)`` for runs that step their optimizers themselves (an
-        adversary); Lightning clips the others from the trainer's settings."""
+        adversary); Lightning clips the others from the trainer's settings. ``role``: the model this module
+        trains, ``"student"`` or ``"teacher"`` (the teacher store's training), for messages only."""
         super().__init__()
         self.step = step
         self.task = step.task
@@ -56,6 +83,7 @@ class DistillationModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.config_hash = config_hash
         self.check_finite_every, self.gradient_clip = check_finite_every, gradient_clip
+        self.role = role
         self.adversary = step.algorithm.adversary()
         self.automatic_optimization = self.adversary is None
         self.best_val_epoch = -1
@@ -105,6 +133,11 @@ class DistillationModule(L.LightningModule):
             if len(set(hashes)) > 1:
                 raise KDLabError(f"DDP ranks were given different configs (hashes {hashes}); see trainer=ddp docs.")
 
+    def on_fit_end(self) -> None:
+        # called when the fit loop ends, also when it was skipped for lack of batches (no on_train_end then)
+        if self.trainer.global_step == 0:
+            raise NoOptimizerStep(no_step_reason(self.trainer))
+
     def on_train_epoch_start(self) -> None:
         self.algorithm.on_epoch_start(self.current_epoch, self.trainer.max_epochs)
 
@@ -115,7 +148,7 @@ class DistillationModule(L.LightningModule):
         values, names = stack_terms(loss, terms), tuple(terms)
         if self._finite_guard is None:
             every = self.check_finite_every or (1 if self.device.type == "cpu" else 50)
-            self._finite_guard, self._epoch_sums = FiniteGuard(every), EpochSums()
+            self._finite_guard, self._epoch_sums = FiniteGuard(every, self.role), EpochSums()
         self._finite_guard.watch(self.current_epoch, self.global_step, names, values, loss)
         self._epoch_sums.add(prefix, names, values, weight)
         return loss

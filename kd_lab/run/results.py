@@ -7,11 +7,14 @@ last epoch, mdistiller the best; RD#16, MD#30): ``best`` holds the test metrics 
 
 import contextlib
 import platform
+import shlex
+import signal
 import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from kd_lab.run.outcome import interruption
 from kd_lab.utils.io import atomic_write_json
 
 PACKAGES = ("kd-lab", "torch", "lightning", "hydra-core", "omegaconf", "torchmetrics", "wandb", "mnist1d", "numpy")
@@ -29,3 +32,19 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
     path = Path(run_dir) / "results.json"
     atomic_write_json({**results, "versions": package_versions()}, path)
     return path
+
+
+def interrupted_record(e: BaseException, run_dir: Path) -> dict[str, Any]:
+    """What results.json records of a run stopped by SIGINT or SIGTERM (``{}`` for an ordinary failure):
+    ``status: interrupted`` and ``resume``, the command that continues it from its last checkpoint (None
+    before the first one: nothing to resume, start the run again)."""
+    signum = interruption(e)
+    if signum is None:
+        return {}
+    run_dir = Path(run_dir).absolute()
+    name = signal.Signals(signum).name
+    if (run_dir / "checkpoints" / "last.ckpt").is_file() or any(run_dir.glob("hpc_ckpt_*.ckpt")):
+        command = f"kd-lab resume={shlex.quote(str(run_dir))}"
+        return {"status": "interrupted", "error": f"interrupted by {name}", "resume": command}
+    error = f"interrupted by {name} before its first checkpoint: nothing to resume, start the run again"
+    return {"status": "interrupted", "error": error, "resume": None}

@@ -28,7 +28,8 @@ from kd_lab.run.checks.schema import validate_config
 from kd_lab.run.ddp import job_scope, patch_lightning_hydra_launcher
 from kd_lab.run.loggers import build_loggers, finish_loggers, quiet_lightning_console
 from kd_lab.run.module import count_parameters
-from kd_lab.run.results import write_results
+from kd_lab.run.outcome import exit_on_interrupt, exit_on_user_error, interrupt_handlers
+from kd_lab.run.results import interrupted_record, write_results
 from kd_lab.run.resume import (
     continue_csv_logs,
     quote_resume_override,
@@ -125,13 +126,14 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
         if trainer.is_global_zero:  # generation speed, acceptance rate: what the task measures beyond metrics
             results["report"] = run.task.report(run.student, teacher, datamodule)
         for logger in loggers:
-            logger.log_metrics({"params/student": results["params"]["student"]})
+            logger.log_metrics({"params/student": results["params"]["student"], **report_metrics(results)})
         results["status"] = "finished"
         return results, {"trainer": trainer, "module": module, "datamodule": datamodule, "teacher": teacher, "run": run}
     except BaseException as e:
         results["status"] = "failed"
         results["error"] = f"{type(e).__name__}: {e}"
         results["traceback"] = traceback.format_exc()
+        results.update(interrupted_record(e, run_dir))  # SIGINT/SIGTERM: status interrupted, the resume= command
         raise
     finally:
         results["wall_seconds"] = time.perf_counter() - start
@@ -140,6 +142,16 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
             if results["status"] == "finished":
                 log.info(summary(results, path))
         finish_loggers(loggers)
+
+
+def report_metrics(results: dict[str, Any]) -> dict[str, float]:
+    """The task's report as flat metrics for the loggers (W&B, CSV): ``report/speculative/greedy`` ..."""
+    report = results.get("report") or {}
+    metrics = {
+        f"report/generation/{k}_tokens_per_s": v["tokens_per_second"] for k, v in report.get("generation", {}).items()
+    }
+    metrics.update({f"report/speculative/{k}": v["acceptance_rate"] for k, v in report.get("speculative", {}).items()})
+    return metrics
 
 
 def teacher_info(cfg: DictConfig, run: Run) -> dict[str, Any]:
@@ -196,19 +208,26 @@ CONFIG_DIR = str(BUILDERS_CONFIG_DIR)
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """One job. A KDLabError is one message on stderr and exit status 1, except in a multirun, which goes on
+    and reports its failed jobs at the end (kd_lab/run/outcome.py); SIGINT/SIGTERM exit with 130/143."""
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # torch 2.13 + Lightning 2.6 noise, every fit
     quiet_lightning_console()
     patch_lightning_hydra_launcher()
-    with job_scope():  # one job of a multirun must not leak its DDP state into the next
+    run_dir = cfg.paths.output_dir
+    with job_scope(), interrupt_handlers():  # one job of a multirun must not leak its DDP state into the next
         try:
             cfg, resume_from = start_or_resume(cfg, list(HydraConfig.get().overrides.task))
             results, _ = train(cfg, resume_from)
         except Exception as e:
             if HydraConfig.get().mode != RunMode.MULTIRUN:
+                exit_on_user_error(e, run_dir)
                 raise
             # a sweep goes on: this job's results.json says "failed" with the error, so comparisons list it
-            log.error("job failed: %s (%s)", brief(e), cfg.paths.output_dir)
+            log.error("job failed: %s (%s)", brief(e), run_dir)
             return None
+        except BaseException as e:  # SIGINT, SIGTERM: the run stops, even in a multirun
+            exit_on_interrupt(e, run_dir)
+            raise
     return results["best"].get(results["task"]["monitor"])  # what a sweeper optimizes: validation, never test
 
 

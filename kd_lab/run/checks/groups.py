@@ -33,6 +33,14 @@ class OptimGroup:
     scheduler: dict[str, Any] | None = None
 
 
+@dataclass
+class RunScalars:
+    """Typed scalar keys of ``conf/train.yaml`` itself. ``data.seed`` interpolates ``${seed}``: a bad seed is
+    reported as ``seed``, the key that was set, before the node that follows it."""
+
+    seed: int = 0
+
+
 # dotted config path -> its schema
 GROUP_SCHEMAS: dict[str, type] = {
     "teacher": TeacherGroup,

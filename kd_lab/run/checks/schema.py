@@ -4,10 +4,11 @@ the key, the bad value, what is allowed and the fix, before anything is trained 
 Checked, in this order: keys that no schema knows (``+algorithm.temprature=4``; the closest valid key is
 suggested), values of the wrong type (``algorithm.temperature=hot``), values out of range (the table in
 ``kd_lab.run.checks.ranges``, and the bounds in signatures, ``kd_lab.core.bounds``), files named by the
-config, and the algorithm x scheme x task pairing. Nothing is built: tap paths, connectors, output shapes and
-the data are checked by the data module's setup and the run's one build, with untrained teachers
-(``kd_lab.run.assemble.build_run``). Unknown options of a group (``algorithm=kdd``) never reach this: Hydra
-rejects them while composing and lists the valid options.
+config, the GPUs the trainer asks for (``kd_lab.run.checks.devices``), the algorithm x scheme x task pairing,
+and what ``ckpt_path`` holds (``kd_lab.run.checks.checkpoint``). Nothing is built: tap paths, connectors,
+output shapes and the data are checked by the data module's setup and the run's one build, with untrained
+teachers (``kd_lab.run.assemble.build_run``). Unknown options of a group (``algorithm=kdd``) never reach
+this: Hydra rejects them while composing and lists the valid options.
 """
 
 import difflib
@@ -16,12 +17,15 @@ from typing import Any
 
 from hydra._internal.utils import _locate  # what instantiate() uses; get_object() also logs
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationKeyError
 
 from kd_lab.core.bounds import bounds_of, check_value
 from kd_lab.errors import KDLabError
 from kd_lab.run.builders import CONFIG_DIR, META_KEYS, group_options, to_dict
+from kd_lab.run.checks.checkpoint import CKPT_KEYWORDS, check_resume_checkpoint
 from kd_lab.run.checks.compatibility import check_compatible
-from kd_lab.run.checks.groups import GROUP_SCHEMAS
+from kd_lab.run.checks.devices import check_devices
+from kd_lab.run.checks.groups import GROUP_SCHEMAS, RunScalars
 from kd_lab.run.checks.ranges import out_of_range
 from kd_lab.run.checks.signatures import EMPTY, Signature, fits, signature_of, type_name
 
@@ -29,22 +33,29 @@ from kd_lab.run.checks.signatures import EMPTY, Signature, fits, signature_of, t
 BUILT_WITHOUT_META = {"data", "task", "algorithm", "scheme", "perf", "student.model", "teacher.model"}
 BUILT_WITHOUT_META |= {f"{o}.{part}" for o in ("optim", "teacher.optim") for part in ("optimizer", "scheduler")}
 MAX_LISTED = 12
-# Lightning's special values of ckpt_path (not files)
-CKPT_KEYWORDS = ("last", "best", "hpc")
 
 
 def validate_config(cfg: DictConfig) -> None:
     """Raise for the first mistake in ``cfg``; nothing is built."""
     check_schema(cfg)
+    check_devices(to_dict(cfg.get("trainer")))  # before the data is generated or a teacher lock taken
     task = cfg.get("task") or {}
     kind = getattr(_locate(task["_target_"]), "kind", None) if "_target_" in task else None
     # the pairing rules first: they explain a build error
     check_compatible(cfg.algorithm.name, cfg.algorithm.get("_target_"), cfg.scheme.name, kind)
+    check_resume_checkpoint(to_dict(cfg))  # reads the file: last
 
 
 def check_schema(cfg: DictConfig) -> None:
     """Keys, types, ranges and named files; no object is built."""
-    tree = to_dict(cfg)
+    try:
+        tree = to_dict(cfg)
+    except InterpolationKeyError as e:  # an option that expects a key this config does not have
+        raise KDLabError(
+            f"{e.full_key} cannot be resolved ({e.msg}): the option that sets it expects a key the other options "
+            f"do not have (a classifier's data.input_shape on text data, say); pick options made for each other, "
+            f"or set {e.full_key}=<value> yourself."
+        ) from None
     _check_root_keys(tree)
     for key, value in tree.items():
         if key != "hydra":
@@ -66,9 +77,14 @@ def root_keys() -> set[str]:
 
 def _check_root_keys(tree: dict[str, Any]) -> None:
     valid = root_keys()
+    owner = "the run config (conf/train.yaml)"
     for key, value in tree.items():
         if key not in valid:
-            raise KDLabError(_unknown_key_message(key, "", value, "the run config (conf/train.yaml)", valid, tree))
+            raise KDLabError(_unknown_key_message(key, "", value, owner, valid, tree))
+    scalars = signature_of(RunScalars)
+    for key, value in tree.items():  # before the nodes that interpolate them (data.seed is ${seed})
+        if key in scalars.params:
+            _check_type(key, value, scalars, owner, key)
 
 
 def _node_signature(path: str, node: dict[str, Any]) -> tuple[Signature, str] | None:
