@@ -183,9 +183,7 @@ def test_every_shipped_option_passes_the_schema(tmp_path):
         g: [n for n in names if any(k in (Path(CONFIG_DIR) / g / f"{n}.yaml").read_text() for k in LM_MARKS)]
         for g, names in options.items()
     }
-    experiments += [
-        ["experiment=lm", f"{g}={n}"] for g, names in text_only.items() for n in names
-    ]
+    experiments += [["experiment=lm", f"{g}={n}"] for g, names in text_only.items() for n in names]
     options = {g: [n for n in names if n not in text_only[g]] for g, names in options.items()}
     zipped = [
         [f"{g}={names[i]}" for g, names in options.items() if i < len(names)]
