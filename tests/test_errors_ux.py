@@ -164,3 +164,26 @@ def test_sigterm_during_the_teachers_training_is_an_interruption_with_nothing_to
     assert results["status"] == "interrupted" and results["resume"] is None
     assert results["error"].startswith("interrupted by SIGTERM before its first checkpoint: nothing to resume")
     assert not list((tmp_path / "teachers").glob("mlp_large-*/meta.json"))  # no teacher entry from it
+
+
+def test_a_resume_that_cannot_go_on_is_refused_before_hydra_starts(tmp_path, monkeypatch, capsys):
+    """``kd-lab resume=<dir>`` checks the directory before Hydra creates it or opens its log file there (a
+    read-only directory would otherwise end in Hydra's "Unable to configure handler 'file'")."""
+    import os
+
+    from kd_lab.run import train as train_module
+
+    missing = tmp_path / "nowhere"
+    monkeypatch.setattr("sys.argv", ["kd-lab", f"resume={missing}"])
+    with pytest.raises(SystemExit) as stop:
+        train_module.cli()
+    assert stop.value.code == 1 and not missing.exists()
+    assert f"kd-lab: resume={missing}: no such run directory." in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "resume.yaml").write_text("{}")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # root writes anywhere: a read-only mount, faked
+    monkeypatch.setattr("sys.argv", ["kd-lab", f"resume={run}"])
+    with pytest.raises(SystemExit):
+        train_module.cli()
+    assert "the run directory cannot be written" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lab.errors import brief
+from kd_lab.errors import KDLabError, brief
 from kd_lab.run.assemble import Run, build_run, fresh_teacher_specs, trainer_overrides
 from kd_lab.run.builders import CONFIG_DIR as BUILDERS_CONFIG_DIR
 from kd_lab.run.builders import build, build_callbacks, build_datamodule, build_trainer, replace_nodes, to_dict
@@ -31,6 +31,7 @@ from kd_lab.run.module import count_parameters
 from kd_lab.run.outcome import exit_on_interrupt, exit_on_user_error, interrupt_handlers
 from kd_lab.run.results import interrupted_record, write_results
 from kd_lab.run.resume import (
+    check_resume_dir,
     continue_csv_logs,
     quote_resume_override,
     rng_states,
@@ -233,6 +234,13 @@ def main(cfg: DictConfig) -> float | None:
 
 def cli() -> None:
     """The ``kd-lab`` command: ``main`` with ``resume=<dir>`` quoted for Hydra (kd_lab/run/resume.py)."""
+    resume = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("resume=")), None)
+    if resume and resume.strip("'\"") not in ("", "null") and "-m" not in sys.argv and "--multirun" not in sys.argv:
+        try:  # before Hydra sets up the run directory's log file (a read-only directory fails there, unexplained)
+            check_resume_dir(resume.strip("'\""))
+        except KDLabError as e:
+            print(f"kd-lab: {e}", file=sys.stderr)
+            sys.exit(1)
     sys.argv = quote_resume_override(sys.argv)
     main()
 
