@@ -49,6 +49,12 @@ def stage_taps(model: nn.Module) -> list[str]:
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "model_type"):  # not a Hugging Face model
         return []
+    return block_paths(model)
+
+
+def block_paths(model: nn.Module) -> list[str]:
+    """The paths of the blocks of the ``nn.ModuleList`` holding the most parameters (the stack of blocks in
+    every Hugging Face LM), or [] when the model has none."""
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
     if not lists:
         return []

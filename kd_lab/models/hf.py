@@ -17,6 +17,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from kd_lab.core.recorder import block_paths
 from kd_lab.errors import KDLabError
 
 try:
@@ -156,11 +157,10 @@ def transformer_layers(model: nn.Module) -> list[str]:
     Found without per-architecture names: the ``nn.ModuleList`` holding the most parameters is the stack of
     blocks in every Hugging Face LM.
     """
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
+    paths = block_paths(model)
+    if not paths:
         raise KDLabError(f"{type(model).__name__} has no nn.ModuleList of transformer blocks")
-    name, blocks = max(lists, key=lambda item: sum(p.numel() for p in item[1].parameters()))
-    return [f"{name}.{i}" for i in range(len(blocks))]
+    return paths
 
 
 def block_hidden(output: Tensor | tuple) -> Tensor:

@@ -205,11 +205,16 @@ class DistillationModule(L.LightningModule):
             scheduler.step()
 
     # -- evaluation ------------------------------------------------------------------------------------
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def _evaluate(self, batch: dict[str, Tensor], metrics: nn.ModuleDict, extra_metrics: nn.ModuleDict):
+        """The student's and the other models' logits on ``batch``, with their metrics updated."""
         logits, extra = self.step.eval_logits(batch)
-        self.task.update_student(self.val_metrics, logits, batch)
+        self.task.update_student(metrics, logits, batch)
         for name, z in extra.items():
-            self.task.update_student(self.extra_val_metrics[name], z, batch)
+            self.task.update_student(extra_metrics[name], z, batch)
+        return logits, extra
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        logits, _ = self._evaluate(batch, self.val_metrics, self.extra_val_metrics)
         loss = self.task.label_loss(logits, batch)
         self.log("val/loss", loss, on_epoch=True, batch_size=self.task.batch_weight(batch), sync_dist=True)
 
@@ -229,10 +234,7 @@ class DistillationModule(L.LightningModule):
         self.log(f"{self.monitor}_best", self.best_val, sync_dist=True)
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        logits, extra = self.step.eval_logits(batch)
-        self.task.update_student(self.test_metrics, logits, batch)
-        for name, z in extra.items():
-            self.task.update_student(self.extra_test_metrics[name], z, batch)
+        logits, extra = self._evaluate(batch, self.test_metrics, self.extra_test_metrics)
         teacher_logits = self.step.reference_teacher_logits(batch, extra)
         if teacher_logits is not None:
             self.task.update_teacher(self.test_teacher_metrics, logits, teacher_logits, batch)

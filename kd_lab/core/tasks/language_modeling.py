@@ -83,6 +83,7 @@ class LanguageModeling(Task):
         if objective not in ("causal", "masked"):
             raise KDLabError(f"task.objective={objective!r} must be 'causal' or 'masked' (as data.objective).")
         self.vocab_size, self.objective = vocab_size, objective
+        self._normalized: tuple[Tensor, Tensor] | None = None  # (the batch's targets, their normalizer)
         self.prompts, self.prompt_length, self.new_tokens, self.draft_tokens = (
             prompts,
             prompt_length,
@@ -95,8 +96,12 @@ class LanguageModeling(Task):
         return batch["target"] != IGNORE_INDEX
 
     def token_normalizer(self, batch: dict[str, Tensor]) -> Tensor:
-        """What a sum over this batch's valid tokens is divided by: the global batch's valid tokens per rank."""
-        return global_count(self.valid_positions(batch).sum()).clamp(min=1)
+        """What a sum over this batch's valid tokens is divided by: the global batch's valid tokens per rank.
+        Computed once per batch (one all_reduce under DDP), however many terms divide by it."""
+        target = batch["target"]
+        if self._normalized is None or self._normalized[0] is not target:
+            self._normalized = (target, global_count(self.valid_positions(batch).sum()).clamp(min=1))
+        return self._normalized[1]
 
     def label_loss(self, logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
         ce = F.cross_entropy(logits.flatten(0, -2).float(), batch["target"].flatten(), reduction="sum")
