@@ -143,3 +143,10 @@ def write_fake_cifar(root: Path, variant: str = "cifar100", per_file: int = 12, 
 def step_outputs(*args, **kwargs) -> StepOutputs:
     """``StepOutputs`` of a classification step (the task gives the label loss), for tests without a run."""
     return StepOutputs(*args, task=kwargs.pop("task", Classification(2)), **kwargs)
+
+
+class OwnDrawsAugment:
+    """An augmentation with random draws of its own (not from the loader's generator): a view store refuses it."""
+
+    def __call__(self, batch, g):
+        return {**batch, "input": batch["input"] + 0.1 * torch.randn(batch["input"].shape)}

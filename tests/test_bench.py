@@ -11,8 +11,10 @@ def test_bench_reports_every_variant_and_ratio(tmp_path):
     out = tmp_path / "bench.json"
     bench([*TINY, "--set", "data=fake", "data.num_train=96", "--out", str(out)])
     report = json.loads(out.read_text())
-    assert set(report["variants"]) == {"a", "b", "c", "d", "c_kd", "e"}
-    assert {"b/a epoch", "d/c epoch", "d/c_kd epoch", "e/c epoch"} <= set(report["ratios"])
+    assert set(report["variants"]) == {"a", "b", "c", "d", "c_kd", "e", "v", "f"}
+    assert {"b/a epoch", "d/c epoch", "d/c_kd epoch", "e/c epoch", "f/v epoch", "f/b epoch"} <= set(report["ratios"])
+    assert report["variants"]["f"]["view_store"] == {"read": 1, "filled": 0, "live": 0}  # filled before the clock
+    assert "view_store" not in report["variants"]["b"]  # a live teacher
     assert all(len(v["epoch_s"]) == 1 and v["median_epoch_s"] > 0 for v in report["variants"].values())
 
 
@@ -23,6 +25,6 @@ def test_bench_cifar_path_runs_on_cpu(tmp_path):
     args = ["--cifar", "--teacher", "cnn2d_large", "--student", "cnn2d_small", "--num-train", "80"]
     bench([*TINY, *args, "--batch-size", "16", "--channels-last", "--out", str(out)])
     report = json.loads(out.read_text())
-    assert set(report["variants"]) == {"a", "b", "c", "d", "c_kd", "e", "a_dataloader"}
+    assert set(report["variants"]) == {"a", "b", "c", "d", "c_kd", "e", "v", "f", "a_dataloader"}
     assert report["args"]["precision"] == "32-true" and report["variants"]["b"]["train_images_per_s"] > 0
     assert report["data"] == {"batch_size": 16, "steps_per_epoch": (80 - 8) // 16}  # 8 images for validation

@@ -54,6 +54,7 @@ class DistillationStep:
         train_targets: Tensor | None = None,
         plan: StepPlan = StepPlan(),
         teacher_cache=None,  # kd_lab.run.teacher_cache.TeacherCache: frozen teachers' outputs, read by index
+        view_store=None,  # kd_lab.run.view_store.ViewStore: frozen teachers' outputs per (epoch, batch)
         datamodule=None,  # what the task's model checks may ask (a language model's block size)
     ):
         teachers = [scheme.prepare_teacher(t) for t in teachers or []]
@@ -62,15 +63,18 @@ class DistillationStep:
         self.student, self.algorithm, self.scheme, self.task = student, algorithm, scheme, task
         self.teachers = teachers
         self.input_key, self.teacher_input_key = input_key, teacher_input_key
-        self.plan, self.teacher_cache = plan, teacher_cache
+        self.plan, self.teacher_cache, self.view_store = plan, teacher_cache, view_store
 
         teacher_example = example_input if teacher_example_input is None else teacher_example_input
         task.check_model(student, datamodule, "student")
         for i, teacher in enumerate(teachers):
             task.check_model(teacher, datamodule, teacher_role(i))
         task.check_output(self._probe_logits(student, example_input, "student"), "student")
+        self.teacher_logit_shapes = []  # per teacher, batch axis included (a view store sizes itself by them)
         for i, teacher in enumerate(teachers):
-            task.check_output(self._probe_logits(teacher, teacher_example, teacher_role(i)), teacher_role(i))
+            logits = self._probe_logits(teacher, teacher_example, teacher_role(i))
+            task.check_output(logits, teacher_role(i))
+            self.teacher_logit_shapes.append(logits.shape)
         algorithm.bind(student, self.teacher)
         algorithm.bind_teachers(teachers)
         self.student_recorder = FeatureRecorder(student, algorithm.student_taps, "student")
@@ -80,6 +84,7 @@ class DistillationStep:
         teacher_shapes = [
             probe_shapes(t, r.paths, teacher_example) for t, r in zip(teachers, self.teacher_recorders, strict=True)
         ]
+        self.teacher_feature_shapes = teacher_shapes
         student_features = self._probe_features(example_input)
         algorithm.build(
             {path: f.shape for path, f in student_features.items()},
@@ -153,21 +158,26 @@ class DistillationStep:
         x = batch[key]
         return x.contiguous(memory_format=torch.channels_last) if self.plan.channels_last and x.dim() == 4 else x
 
-    def outputs(self, batch: dict[str, Tensor], with_teacher: bool = True) -> StepOutputs:
-        """Every model's forward on ``batch``, recorded as the algorithm asked."""
+    def outputs(self, batch: dict[str, Tensor], with_teacher: bool = True, view: int | None = None) -> StepOutputs:
+        """Every model's forward on ``batch``, recorded as the algorithm asked. ``view``: the batch's index in
+        its training epoch, where a view store may hold the teachers' outputs (None: compute them)."""
         out = StepOutputs(logits=None, batch=batch, task=self.task)  # type: ignore[arg-type]
         if with_teacher and self.teachers:
-            self._teacher_outputs(out, batch)
+            self._teacher_outputs(out, batch, view)
         with self.student_recorder:
             out.logits = self.logits(self.student(self.model_input(batch, self.input_key)), "student")
         out.features = self.student_recorder.features
         return out
 
-    def _teacher_outputs(self, out: StepOutputs, batch: dict[str, Tensor]) -> None:
+    def _teacher_outputs(self, out: StepOutputs, batch: dict[str, Tensor], view: int | None = None) -> None:
+        store = self.view_store if view is not None else None
+        stored = store.lookup(view, batch[self.input_key].device) if store is not None else None
         if self.teacher_cache is not None:
             if not self.teacher_cache.filled:  # once, on the run's device (every DDP rank caches all samples)
                 self.teacher_cache.fill(self.teachers, self.teacher_recorders, batch[self.input_key].device)
             out.all_teacher_logits, out.all_teacher_features = self.teacher_cache.lookup(batch["index"])
+        elif stored is not None and not store.needs_check:
+            out.all_teacher_logits, out.all_teacher_features = stored
         else:
             x_t = self.model_input(batch, self.teacher_input_key)
             learning = self.scheme.trains_teacher and torch.is_grad_enabled()
@@ -184,6 +194,12 @@ class DistillationStep:
                 out.live_teacher_logits = out.all_teacher_logits
                 out.all_teacher_logits = [z.detach() for z in out.all_teacher_logits]
                 out.all_teacher_features = [{k: v.detach() for k, v in f.items()} for f in out.all_teacher_features]
+            if stored is not None:  # the run's first stored batch, computed live as well: do they agree?
+                store.check(stored[0], out.all_teacher_logits)
+                out.all_teacher_logits, out.all_teacher_features = stored
+            elif store is not None:  # filled (or computed live while another run fills this epoch)
+                store.record(view, out.all_teacher_logits, out.all_teacher_features)
+                out.all_teacher_logits = [store.view_of(z) for z in out.all_teacher_logits]
         out.teacher_logits, out.teacher_features = out.all_teacher_logits[0], out.all_teacher_features[0]
 
     def terms(self, out: StepOutputs) -> dict[str, Tensor]:
@@ -193,9 +209,9 @@ class DistillationStep:
             terms.update(self.scheme.teacher_terms(out))
         return terms
 
-    def training_terms(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def training_terms(self, batch: dict[str, Tensor], view: int | None = None) -> dict[str, Tensor]:
         """One training batch's loss terms (what a test without a Trainer calls)."""
-        return self.terms(self.outputs(batch, with_teacher=self.algorithm.needs_teacher))
+        return self.terms(self.outputs(batch, with_teacher=self.algorithm.needs_teacher, view=view))
 
     # -- evaluation ------------------------------------------------------------------------------------
     def eval_logits(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -24,6 +24,8 @@ class SignalAugment:
             batches carry ``target_mix`` and ``mix_lam`` so cross-entropy uses the mixed label.
     """
 
+    views_from_generator = True  # every draw comes from the loader's generator (kd_lab.run.view_store)
+
     def __init__(
         self,
         max_shift: int = 0,

@@ -26,6 +26,8 @@ class ImageAugment:
         turns ``fill=None`` into that.
     """
 
+    views_from_generator = True  # every draw comes from the loader's generator (kd_lab.run.view_store)
+
     def __init__(self, padding: int = 4, flip: bool = True, fill: float | Sequence[float] | None = None):
         self.padding = padding
         self.flip = flip
@@ -67,6 +69,8 @@ class ImageAugment:
 class DrawOnly:
     """The loader half of an on-device augmentation: attaches the draws to the batch; ``finish`` applies them
     once the batch is on its device."""
+
+    views_from_generator = True  # every draw comes from the loader's generator (kd_lab.run.view_store)
 
     def __init__(self, augment: ImageAugment):
         self.augment = augment

@@ -6,7 +6,9 @@ as one frozen ``PerfPlan``. Nothing is changed on an object after it is built. T
 build: its teachers receive their trained weights (``kd_lab.run.teacher_store.fill_teachers``) in place.
 """
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -24,7 +26,10 @@ from kd_lab.run.checkpoints import load_weights
 from kd_lab.run.module import DistillationModule
 from kd_lab.run.perf import PerfPlan
 from kd_lab.run.teacher_cache import TeacherCache, check_cacheable
+from kd_lab.run.view_store import ViewStore, describe, refusal, tensor_digest
 from kd_lab.schemes.base import Scheme
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,8 @@ def build_run(cfg: DictConfig, datamodule: TensorDataModule, scheme: Scheme | No
     student = build_model(cfg.student.model)
     algorithm = build(cfg.algorithm)
     plan = perf_plan(cfg)
-    step = build_step(datamodule, student, algorithm, scheme, build_task(cfg), teachers, plan)
+    views = Path(cfg.paths.teacher_store) / "views" if cfg.get("paths") and cfg.paths.get("teacher_store") else None
+    step = build_step(datamodule, student, algorithm, scheme, build_task(cfg), teachers, plan, view_root=views)
     module = build_module(cfg, step, cfg.optim, plan)
     return Run(datamodule, teachers, student, algorithm, scheme, step.task, step, module, plan)
 
@@ -76,8 +82,10 @@ def build_step(
     teachers: list[nn.Module],
     plan: PerfPlan,
     trains_a_teacher: bool = False,
+    view_root: Path | None = None,
 ) -> DistillationStep:
-    """``trains_a_teacher``: the model being trained is a teacher, so it reads the teacher's modality."""
+    """``trains_a_teacher``: the model being trained is a teacher, so it reads the teacher's modality.
+    ``view_root``: where teacher view stores live (``perf.view_store``); None: no store."""
     datamodule.setup()  # loads and checks the data once (a no-op when loaded)
     student_key = datamodule.teacher_input_key if trains_a_teacher else "input"
     cache = None
@@ -105,10 +113,44 @@ def build_step(
         teacher_cache=cache,
         datamodule=datamodule,
     )
+    if view_root is not None and plan.view_store:
+        step.view_store = view_store_for(step, datamodule, scheme, plan, view_root)
     if plan.compile:  # after the probes: compiling is lazy, the first training step pays for it
         for model in models:
             model.compile(backend=plan.compile_backend)
     return step
+
+
+def view_store_for(step: DistillationStep, datamodule, scheme: Scheme, plan: PerfPlan, root: Path) -> ViewStore | None:
+    """The run's teacher view store, or None (and why, in one log line) where it cannot be exact."""
+    reason = refusal(datamodule, scheme, step.algorithm, step.teachers, plan.cache_teacher)
+    if reason is not None:
+        if plan.view_store is True:
+            raise KDLabError(f"perf.view_store=true, but {reason}; set perf.view_store=auto or false.")
+        if step.teachers and step.algorithm.needs_teacher:
+            log.info("teacher view store off: %s.", reason)
+        return None
+    k = plan.view_store_topk
+    per_logit = 4 if k is None else 0
+    sample_bytes = 0
+    for logits, features in zip(step.teacher_logit_shapes, step.teacher_feature_shapes, strict=True):
+        sample_bytes += logits[1:].numel() * per_logit + (0 if k is None else k * 4 + 4)
+        sample_bytes += sum(shape[1:].numel() * 4 for shape in features.values())
+    fixed_key = {
+        "data": {
+            "type": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
+            "batch_size": datamodule.batch_size,
+            "seed": datamodule.seed,
+            "augment": describe(datamodule.augment),
+            "train": tensor_digest(datamodule.splits["train"]),
+        },
+        "batch_size": datamodule.batch_size,
+        "taps": [list(r.paths) for r in step.teacher_recorders],
+        "format": "dense" if k is None else f"top{k}",
+        "channels_last": plan.channels_last,
+        "teacher_inputs": step.teacher_input_key,
+    }
+    return ViewStore(root, fixed_key, step.teachers, k, sample_bytes, plan.view_store_max_mb, plan.view_store is True)
 
 
 def build_module(

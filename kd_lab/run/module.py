@@ -17,6 +17,7 @@ from kd_lab.core.step import DistillationStep
 from kd_lab.core.step_stats import EpochSums, FiniteGuard, stack_terms
 from kd_lab.errors import KDLabError
 from kd_lab.run.resume import rng_states, set_rng_states
+from kd_lab.run.view_store import ViewStoreHooks
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], torch.optim.Optimizer]
 # (optimizer, total_epochs, steps_per_epoch) -> a scheduler stepped every optimizer step (kd_lab.optim)
@@ -141,6 +142,13 @@ class DistillationModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.algorithm.on_epoch_start(self.current_epoch, self.trainer.max_epochs)
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        """A teacher view store opens and writes its epochs from a callback: it also sees a failed fit. Only
+        for a fit: a test after it would replace the fit's callback (and say so)."""
+        if self.step.view_store is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return []
+        return [ViewStoreHooks(self.step.view_store)]
+
     def _loss(self, terms: dict[str, Tensor], weight: int, prefix: str = "train/loss") -> Tensor:
         """The summed loss. Its terms are only stacked on the device here (no host sync, no ``self.log`` per
         step: ``kd_lab.core.step_stats``); ``_log_epoch_losses`` logs the epoch means."""
@@ -164,7 +172,7 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         weight = self.task.batch_weight(batch)
-        out = self.step.outputs(batch, with_teacher=self.algorithm.needs_teacher)
+        out = self.step.outputs(batch, with_teacher=self.algorithm.needs_teacher, view=batch_idx)
         if self.adversary is None:
             loss = self._loss(self.step.terms(out), weight)
         else:

@@ -9,14 +9,20 @@ assembly (``kd_lab.run.assemble``). Nothing is switched on an object after it is
   convolutions want under bf16; a no-op for 1-D signals and MLPs.
 - ``compile``: ``nn.Module.compile()`` of student and teacher, in place, so state-dict keys (checkpoints) are
   unchanged; ``compile_backend`` picks torch.compile's backend.
+- ``view_store``: the frozen teacher's outputs for every augmented training view, written by the first run
+  and read by every later run that asks the same (``kd_lab.run.view_store``). ``auto``: used where it is
+  exact, off elsewhere; ``true``: refused with a clear error where it cannot be exact; ``false``: off.
+  ``view_store_topk``: store the top k logits per view (fp16) instead of all of them; ``view_store_max_mb``:
+  the largest store one run may write.
 - ``check_finite_every``: steps between non-finite loss checks (``kd_lab.core.step_stats.FiniteGuard``);
   None: every step on a CPU, every 50 on an accelerator (each check is a host sync there).
 """
 
 from dataclasses import asdict, dataclass
 
-from kd_lab.core.bounds import AtLeastOne
+from kd_lab.core.bounds import AtLeastOne, Positive
 from kd_lab.core.step import StepPlan
+from kd_lab.errors import KDLabError
 
 
 @dataclass(frozen=True)
@@ -27,6 +33,13 @@ class PerfPlan:
     compile: bool = False
     compile_backend: str = "inductor"
     check_finite_every: AtLeastOne | None = None
+    view_store: bool | str = "auto"
+    view_store_topk: AtLeastOne | None = None
+    view_store_max_mb: Positive = 4096.0
+
+    def __post_init__(self):
+        if self.view_store not in (True, False, "auto"):
+            raise KDLabError(f"perf.view_store={self.view_store!r}: use auto, true or false.")
 
     @property
     def step_plan(self) -> StepPlan:

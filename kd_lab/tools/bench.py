@@ -12,6 +12,9 @@ on all of them alike; each run's first ``--warmup`` epochs are dropped and the m
      math included (log-softmaxes and a KL per step, which c does not pay)                  -> ratio d / c_kd
   e  kd-lab training the vanilla student (algorithm=none), augmentation off: the framework's own cost on
      the smallest step there is                                                              -> ratio e / c
+  v  kd-lab training the vanilla student with b's augmentation
+  f  kd-lab KD with b's augmentation, its teacher outputs read from a teacher view store
+     (``perf.view_store``) that one run filled before the clock started                     -> ratios f / v, f / b
 
 ``--cifar`` swaps in CIFAR-shaped synthetic data (3x32x32, 100 classes) with a resnet32x4 teacher and a
 resnet8x4 student and reports images per second; it adds ``a_dataloader``, the plain fp32 loop fed by a
@@ -91,11 +94,15 @@ def compose_config(overrides: list[str], out_dir: Path) -> DictConfig:
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out_dir)
+        cfg.paths.teacher_store = str(out_dir.parent / "teachers")  # view stores too: in the bench's temp dir
     return cfg
 
 
-def kdlab_times(cfg: DictConfig, teacher: torch.nn.Module, epochs: int) -> list[dict[str, float]]:
-    """One kd-lab fit, built as ``kd-lab`` builds it (the teacher given, not trained by the store)."""
+def kdlab_times(
+    cfg: DictConfig, teacher: torch.nn.Module, epochs: int, store_stats: dict | None = None
+) -> list[dict[str, float]]:
+    """One kd-lab fit, built as ``kd-lab`` builds it (the teacher given, not trained by the store).
+    ``store_stats``: filled with the view store's epoch counts (read / filled / live), when it has one."""
     L.seed_everything(cfg.seed, verbose=False)
     datamodule = build_datamodule(cfg)
     run = build_run(cfg, datamodule)  # as train() builds it; the store's teacher replaced by the given one
@@ -110,6 +117,8 @@ def kdlab_times(cfg: DictConfig, teacher: torch.nn.Module, epochs: int) -> list[
         trainer.fit(run.module, datamodule)
     finally:
         finish_loggers(loggers)
+    if store_stats is not None and run.step.view_store is not None:
+        store_stats.update(run.step.view_store.stats)
     return timer.times()
 
 
@@ -172,10 +181,12 @@ def variants(args: argparse.Namespace, device: torch.device) -> dict[str, dict[s
     fast = {"autocast": torch.bfloat16 if "bf16" in args.precision else None, "channels_last": args.channels_last}
     found = {
         "a": {"kind": "plain", "overrides": base + augment, "teacher": True, "loop": fast},
-        "b": {"kind": "kdlab", "overrides": base + augment},
+        "b": {"kind": "kdlab", "overrides": [*base, *augment, "perf.view_store=false"]},  # a live teacher
         "c": {"kind": "plain", "overrides": [*base, NO_AUGMENT], "teacher": False, "loop": fast},
         "d": {"kind": "kdlab", "overrides": [*base, NO_AUGMENT, "perf.cache_teacher=true"]},
         "e": {"kind": "kdlab", "overrides": [*base, NO_AUGMENT, "algorithm=none"]},
+        "v": {"kind": "kdlab", "overrides": [*base, *augment, "algorithm=none"]},
+        "f": {"kind": "kdlab", "overrides": [*base, *augment, "perf.view_store=true"], "prefill": True},
         "c_kd": {
             "kind": "plain",
             "overrides": [*base, NO_AUGMENT],
@@ -238,12 +249,16 @@ def _run_bench(args: argparse.Namespace, device: torch.device, work: Path) -> di
     teacher = build_model(first.teacher.model)  # untrained: timing does not depend on the weights
     epochs = args.warmup + args.epochs
     times: dict[str, list[dict[str, float]]] = {name: [] for name in plan}
+    stats: dict[str, dict] = {}  # view store epochs per kd-lab variant (the last round's)
+    for name, v in plan.items():
+        if v.get("prefill"):  # one run fills the view store with every epoch the timed runs read
+            kdlab_times(configs[name], teacher, epochs)
     load_before = os.getloadavg()
     for round_ in range(args.rounds):
         for name, v in plan.items():
             cfg = configs[name]
             if v["kind"] == "kdlab":
-                got = kdlab_times(cfg, teacher, epochs)
+                got = kdlab_times(cfg, teacher, epochs, stats.setdefault(name, {}))
             else:
                 t = teacher if v["teacher"] else None
                 got = plain_times(cfg, t, epochs, device, work / name / f"round{round_}", **v["loop"])
@@ -253,8 +268,20 @@ def _run_bench(args: argparse.Namespace, device: torch.device, work: Path) -> di
     datamodule = build_datamodule(first)
     images = datamodule.num_train // datamodule.batch_size * datamodule.batch_size
     results = {name: summarize(name, t, images) for name, t in times.items()}
+    for name, counts in stats.items():
+        if counts:
+            results[name]["view_store"] = counts
     ratios = {}
-    for num, den in (("b", "a"), ("d", "c"), ("d", "c_kd"), ("d", "e"), ("e", "c"), ("b", "a_dataloader")):
+    for num, den in (
+        ("b", "a"),
+        ("d", "c"),
+        ("d", "c_kd"),
+        ("d", "e"),
+        ("e", "c"),
+        ("b", "a_dataloader"),
+        ("f", "v"),
+        ("f", "b"),
+    ):
         if num in results and den in results:
             for part in ("epoch", "train"):
                 ratios[f"{num}/{den} {part}"] = results[num][f"median_{part}_s"] / results[den][f"median_{part}_s"]
@@ -291,7 +318,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="epochs dropped at the start of every run")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--logger", default="none", help="a conf/logger option (none, csv)")
-    p.add_argument("--only", nargs="*", default=None, help="run only these variants (a b c d c_kd e a_dataloader)")
+    p.add_argument("--only", nargs="*", default=None, help="run only these variants (a b c d c_kd e v f a_dataloader)")
     p.add_argument("--set", nargs="*", default=[], help="extra Hydra overrides for every variant")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     args = p.parse_args(argv)
