@@ -1,11 +1,14 @@
 """``kd-lab-compare <run dirs or multirun dirs>``: one table from many ``results.json`` files.
 
-Runs are grouped by (data, teacher, student, algorithm, scheme); each row gives the task's headline test
-metric (``results.json``'s ``task.headline``: accuracy for classification, perplexity for language models) mean and std
-over seeds at the best-validation epoch and at the last epoch (both protocols, because the benchmarks
-disagree: RepDistiller reports the last epoch, mdistiller the best), the gain over the vanilla student of
-the same (data, teacher, student), the teacher's accuracy, student-teacher agreement, the parameter ratio,
-wall time and the number of seeds. Failed or unfinished runs are listed, never silently dropped.
+Runs are grouped by (data, teacher, student, algorithm, scheme, epoch budget, thread count, setting); each
+row gives the task's headline test metric (``results.json``'s ``task.headline``: accuracy for
+classification, perplexity for language models) mean and std over seeds at the best-validation epoch and
+at the last epoch (both protocols, because the benchmarks disagree: RepDistiller reports the last epoch,
+mdistiller the best), the gain over the vanilla student of the same data, student, setting, epoch budget
+and thread count, the teacher's accuracy, student-teacher agreement, the parameter ratio, wall time and the
+number of distinct seeds. A seed run several times counts once: the latest finished run is kept and the
+repeats are named under the table. Failed or unfinished runs are listed, never silently dropped.
+In a terminal it prints an aligned table (``rich``); into a pipe or a file, Markdown.
 It also draws PNG plots (``kd_lab.tools.compare_plots``) and logs the table to W&B (``kd_lab.tools.compare_wandb``).
 """
 
@@ -35,7 +38,11 @@ NOT_A_SETTING = (
     "data.num_workers",
     "data.pin_memory",
     "data.persistent_workers",
+    "trainer.max_epochs",  # still a grouping key, but shown in its own column ("epochs"), not in "setting"
+    "threads",  # likewise: the count the run used is the "threads" column (thread_count)
 )
+# config keys that name the method, not the conditions it ran under: a vanilla baseline may differ in them
+METHOD_KEYS = ("algorithm.", "scheme.", "teacher.", "chain.", "experiment_name")
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -52,6 +59,11 @@ def setting(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted((k, v) for k, v in flat.items() if not k.startswith(NOT_A_SETTING)))
 
 
+def conditions(chosen: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
+    """The part of a setting a vanilla baseline must share: everything but the method's own keys."""
+    return tuple((k, v) for k, v in chosen if not k.startswith(METHOD_KEYS))
+
+
 def find_results(paths: list[str]) -> list[Path]:
     found: list[Path] = []
     for p in map(Path, paths):
@@ -64,12 +76,59 @@ def headline(r: dict[str, Any]) -> str:
     return (r.get("task") or {}).get("headline", "test/acc")
 
 
+def epoch_budget(r: dict[str, Any]) -> int | None:
+    """``trainer.max_epochs`` of the run's resolved config (None when not recorded)."""
+    value = ((r.get("config") or {}).get("trainer") or {}).get("max_epochs")
+    return value if isinstance(value, int) else None
+
+
+def thread_count(r: dict[str, Any]) -> int | None:
+    """results.json's ``threads`` (torch's thread count). A file without it whose config set ``threads=N``
+    ran with N threads (kd_lab.run.threads applies it); None when neither is recorded (older files)."""
+    for value in (r.get("threads"), (r.get("config") or {}).get("threads")):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def seed_of(r: dict[str, Any]) -> tuple[Any, Any]:
+    """What makes two runs different replicates: the seed, and data.seed where it was set apart."""
+    data_seed = ((r.get("config") or {}).get("data") or {}).get("seed", r.get("seed"))
+    return r.get("seed"), data_seed
+
+
+def seed_name(seed: tuple[Any, Any]) -> str:
+    return f"{seed[0]}" if seed[1] == seed[0] else f"{seed[0]} (data.seed {seed[1]})"
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def one_run_per_seed(found: list[tuple[Path, dict[str, Any]]]) -> tuple[list[dict[str, Any]], dict[Any, int]]:
+    """The latest finished run of each seed, and how many runs of each repeated seed were dropped.
+
+    Latest means the newest results.json modification time: the file is written when the run ends. Equal
+    times (a copied tree) fall back to the path, so the choice does not depend on the file system's order.
+    """
+    by_seed: dict[Any, list[tuple[float, str, dict[str, Any]]]] = defaultdict(list)
+    for path, r in found:
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            mtime = 0.0
+        by_seed[seed_of(r)].append((mtime, str(path), r))
+    kept, dropped = [], {}
+    for seed, runs in sorted(by_seed.items(), key=lambda kv: str(kv[0])):
+        runs.sort(key=lambda t: (t[0], t[1]))
+        kept.append(runs[-1][2])
+        if len(runs) > 1:
+            dropped[seed] = len(runs) - 1
+    return kept, dropped
+
+
 def summarize(files: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    groups: dict[tuple, list[tuple[Path, dict]]] = defaultdict(list)
     problems: list[tuple[str, str]] = []
     for f in files:
         try:
@@ -80,27 +139,31 @@ def summarize(files: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, 
         if r.get("status") != "finished":
             problems.append((str(f.parent), f"{r.get('status')}: {r.get('error', '')}"[:200]))
             continue
-        groups[(*(r["names"].get(k, "-") for k in KEY), setting(r["config"]))].append(r)
+        names = tuple(r["names"].get(k, "-") for k in KEY)
+        groups[(*names, epoch_budget(r), thread_count(r), setting(r["config"]))].append((f, r))
 
     # settings of one (data, teacher, student, algorithm, scheme) differ in these keys: show them
     varying: dict[tuple, set[str]] = defaultdict(set)
     by_names: dict[tuple, list[dict]] = defaultdict(list)
     for key in groups:
-        by_names[key[:-1]].append(dict(key[-1]))
+        by_names[key[: len(KEY)]].append(dict(key[-1]))
     for names, settings in by_names.items():
         for k in set().union(*settings):
             if len({s.get(k) for s in settings}) > 1:
                 varying[names].add(k)
 
-    rows = []
-    for key, runs in sorted(groups.items(), key=lambda kv: kv[0][:-1]):
-        row: dict[str, Any] = dict(zip(KEY, key[:-1], strict=True))
+    rows, contexts = [], []
+    for key, found in sorted(groups.items(), key=lambda kv: order(kv[0][:-1])):
+        runs, dropped = one_run_per_seed(found)
+        row: dict[str, Any] = dict(zip(KEY, key[: len(KEY)], strict=True))
         chosen = dict(key[-1])
-        row["setting"] = " ".join(f"{k}={chosen.get(k, '-')}" for k in sorted(varying[key[:-1]])) or "-"
+        row["setting"] = " ".join(f"{k}={chosen.get(k, '-')}" for k in sorted(varying[key[: len(KEY)]])) or "-"
+        row["epochs"], row["threads"] = key[len(KEY)], key[len(KEY) + 1]
         head = headline(runs[0])
         row["metric"] = head.split("/", 1)[1]
         for protocol in ("best", "last"):
             row[f"acc_{protocol}"], row[f"std_{protocol}"] = mean_std([r[protocol][head] for r in runs])
+        row["gain_best"], row["gain_note"] = None, None  # filled below, once every row is known
         teacher_key = f"test/teacher_{row['metric']}"
         teacher = [r["best"][teacher_key] for r in runs if teacher_key in r["best"]]
         agree = [r["best"]["test/agreement"] for r in runs if "test/agreement" in r["best"]]
@@ -111,17 +174,58 @@ def summarize(files: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, 
         row["student_params"] = p.get("student")  # the x axis of the accuracy-against-size plot
         row["others"] = other_models(runs)
         row["wall_s"] = statistics.fmean(r["wall_seconds"] for r in runs)
-        row["seeds"] = len(runs)
+        row["seeds"] = len(runs)  # distinct seeds: repeats of one seed are dropped above
+        row["repeats_dropped"] = sum(dropped.values())
+        row["repeats_note"] = (
+            "; ".join(f"seed {seed_name(s)}: {n + 1} runs" for s, n in dropped.items()) if dropped else None
+        )
         row["draft_acceptance"] = acceptance(runs)
         rows.append(row)
-    vanilla = {(r["data"], r["teacher"], r["student"]): r for r in rows if r["algorithm"] == "none"}
-    for row in rows:
-        base = vanilla.get((row["data"], row["teacher"], row["student"]))
-        if base is None and row["teacher"] == "-":  # self-distillation: the vanilla student of any teacher row
-            same = [v for (d, _, s), v in vanilla.items() if (d, s) == (row["data"], row["student"])]
-            base = same[0] if len(same) == 1 else None
-        row["gain_best"] = row["acc_best"] - base["acc_best"] if base else None
+        contexts.append(conditions(key[-1]))
+    for row, context in zip(rows, contexts, strict=True):
+        row["gain_best"], row["gain_note"] = gain(row, context, rows, contexts)
     return rows, problems
+
+
+def order(key: tuple) -> tuple:
+    """Sort rows by their names, then budget and threads; an unrecorded (None) value sorts first."""
+    return tuple((value is not None, value) for value in key)
+
+
+def gain(
+    row: dict[str, Any], context: tuple, rows: list[dict[str, Any]], contexts: list[tuple]
+) -> tuple[float | None, str | None]:
+    """The row's gain over its vanilla student (algorithm none), and why there is none when there is none.
+
+    The baseline must share data, student, teacher (any teacher for a row without one: self-distillation),
+    the epoch budget, the thread count and every other config key but the method's own (``METHOD_KEYS``).
+    A gain over a baseline of another budget measures the budget, not the method.
+    """
+    vanilla = [
+        (v, c)
+        for v, c in zip(rows, contexts, strict=True)
+        if v["algorithm"] == "none" and (v["data"], v["student"]) == (row["data"], row["student"])
+    ]
+    same_teacher = [(v, c) for v, c in vanilla if v["teacher"] == row["teacher"]]
+    if same_teacher or row["teacher"] != "-":
+        vanilla = same_teacher
+    if not vanilla:
+        return None, f"no vanilla run (algorithm none) of {row['student']} on {row['data']}"
+    fits = [v for v, c in vanilla if (v["epochs"], v["threads"], c) == (row["epochs"], row["threads"], context)]
+    if len(fits) == 1:
+        return row["acc_best"] - fits[0]["acc_best"], None
+    if len(fits) > 1:
+        return None, f"{len(fits)} vanilla rows fit ({', '.join(v['teacher'] for v in fits)}): pick one teacher"
+    same_epochs = [(v, c) for v, c in vanilla if v["epochs"] == row["epochs"]]
+    if not same_epochs:
+        have = ", ".join(sorted({fmt(v["epochs"], "") for v, _ in vanilla}))
+        return None, f"no vanilla run with {fmt(row['epochs'], '')} epochs (vanilla: {have} epochs)"
+    same_threads = [(v, c) for v, c in same_epochs if v["threads"] == row["threads"]]
+    if not same_threads:
+        have = ", ".join(sorted({fmt(v["threads"], "") for v, _ in same_epochs}))
+        return None, f"no vanilla run with {fmt(row['threads'], '')} threads (vanilla: {have} threads)"
+    keys = sorted({k for _, c in same_threads for k, _ in set(c) ^ set(context)})
+    return None, "the vanilla runs differ in " + ", ".join(keys[:4]) + (" ..." if len(keys) > 4 else "")
 
 
 def acceptance(runs: list[dict[str, Any]]) -> str | None:
@@ -155,35 +259,134 @@ def fmt(value: Any, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def metric_of(rows: list[dict[str, Any]]) -> str:
+    return (rows[0].get("metric", "acc") if rows else "acc") if len({r.get("metric") for r in rows}) <= 1 else "value"
+
+
+def caption(m: str) -> str:
+    what = {"acc": "Test accuracy", "ppl": "Test perplexity (lower is better)"}.get(m, f"Test {m}")
+    return f"{what}: mean ± std over seeds, at the epoch of best validation {m} and at the last epoch."
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """One row named in a note: its method, student, data, budget and setting."""
+    parts = [
+        f"{row['algorithm']} ({row['scheme']})",
+        f"{row['student']} ← {row['teacher']} on {row['data']}",
+        f"{fmt(row['epochs'], '')} epochs",
+        f"{fmt(row['threads'], '')} threads",
+    ]
+    return ", ".join(parts + ([row["setting"]] if row["setting"] != "-" else []))
+
+
+def notes(rows: list[dict[str, Any]]) -> list[str]:
+    """The lines under the table: repeated seeds dropped, and why a gain is missing."""
+    lines = []
+    repeated = [r for r in rows if r["repeats_dropped"]]
+    if repeated:
+        lines += ["", "Repeated seeds: each seed counts once, with its latest finished run; the others are dropped."]
+        lines += [f"- {row_label(r)}: {r['repeats_dropped']} dropped ({r['repeats_note']})" for r in repeated]
+    missing = [r for r in rows if r["gain_note"]]
+    if missing:
+        lines += [
+            "",
+            "Gain vs vanilla is '-' where no vanilla run has the same data, student, setting, epochs and threads:",
+        ]
+        lines += [f"- {row_label(r)}: {r['gain_note']}" for r in missing]
+    return lines
+
+
 def markdown(rows: list[dict[str, Any]], problems: list[tuple[str, str]]) -> str:
-    m = (rows[0].get("metric", "acc") if rows else "acc") if len({r.get("metric") for r in rows}) <= 1 else "value"
+    m = metric_of(rows)
     head = (
-        f"| data | teacher | student | algorithm | scheme | setting | test {m} (best val) | test {m} (last) "
-        f"| gain vs vanilla | teacher {m} | agreement | student/teacher params | other models (test {m}) "
-        "| wall s | seeds |"
+        f"| data | teacher | student | algorithm | scheme | setting | epochs | threads | test {m} (best val) "
+        f"| test {m} (last) | gain vs vanilla | teacher {m} | agreement | student/teacher params "
+        f"| other models (test {m}) | wall s | seeds |"
     )
     drafts = any(r.get("draft_acceptance") for r in rows)  # language models: the acceptance-rate column
     if drafts:
         head = head.replace("| wall s |", "| draft acceptance (greedy / sampled) | wall s |")
-    what = {"acc": "Test accuracy", "ppl": "Test perplexity (lower is better)"}.get(m, f"Test {m}")
-    lines = [
-        f"{what}: mean ± std over seeds, at the epoch of best validation {m} and at the last epoch.",
-        "",
-        head,
-        "|" + "---|" * (head.count("|") - 1),
-    ]
+    lines = [caption(m), "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {r['data']} | {r['teacher']} | {r['student']} | {r['algorithm']} | {r['scheme']} | {r['setting']} "
+            f"| {fmt(r['epochs'], '')} | {fmt(r['threads'], '')} "
             f"| {r['acc_best']:.4f} ± {r['std_best']:.4f} | {r['acc_last']:.4f} ± {r['std_last']:.4f} "
             f"| {fmt(r['gain_best'], '+.4f')} | {fmt(r['teacher_acc'])} | {fmt(r['agreement'])} "
             f"| {fmt(r['param_ratio'], '.3f')} | {r['others']} "
             + (f"| {r.get('draft_acceptance') or '-'} " if drafts else "")
             + f"| {r['wall_s']:.1f} | {r['seeds']} |"
         )
+    lines += notes(rows)
     if problems:  # named by their last two path parts: a kept table names no path of the machine that made it
         lines += ["", "Runs not in the table:", *[f"- {short_path(run)}: {why}" for run, why in problems]]
     return "\n".join(lines)
+
+
+# The terminal table leaves out the wide columns (agreement, parameter ratio, other models, wall time, draft
+# acceptance) so that it fits 120 columns; --markdown and --csv keep every column. On a narrower terminal it
+# drops the last-epoch and teacher columns, then puts mean and std on two lines; names wrap last.
+IDENTITY = ("data", "teacher", "scheme")  # shown once above the table when every row has the same value
+NAME_WIDTH = 12  # name columns wrap, but never below this many characters (or their longest value)
+
+
+def terminal_table(rows: list[dict[str, Any]], problems: list[tuple[str, str]], width: int = 120) -> str:
+    """The table as a terminal shows it: aligned, cells wrapped to the terminal's width (``rich``)."""
+    import io
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    m = metric_of(rows)
+    same = {k: rows[0][k] for k in IDENTITY if rows and len({r[k] for r in rows}) == 1}
+    names = [k for k in IDENTITY[:2] if k not in same] + ["student", "algorithm"]
+    names += [k for k in IDENTITY[2:] if k not in same]
+    names += ["setting"] if any(r["setting"] != "-" for r in rows) else []
+    name_widths = {k: max(len(k), min(NAME_WIDTH, max((len(str(r[k])) for r in rows), default=1))) for k in names}
+
+    def cells(r: dict[str, Any], sep: str) -> dict[str, str]:
+        return {
+            "epochs": fmt(r["epochs"], ""),
+            "threads": fmt(r["threads"], ""),
+            "best val": f"{r['acc_best']:.4f}{sep}±{r['std_best']:.4f}",
+            "last": f"{r['acc_last']:.4f}{sep}±{r['std_last']:.4f}",
+            "gain": fmt(r["gain_best"], "+.4f"),
+            "teacher": fmt(r["teacher_acc"]),
+            "seeds": str(r["seeds"]),
+        }
+
+    full = ["epochs", "threads", "best val", "last", "gain", "teacher", "seeds"]
+    short = ["epochs", "threads", "best val", "gain", "seeds"]
+    for numbers, sep in ((full, ""), (short, ""), (short, "\n")):  # the first layout that fits
+        needed = sum(name_widths.values()) + 2 * (len(names) + len(numbers) - 1)
+        needed += sum(max(len(n), *(len(line) for r in rows for line in cells(r, sep)[n].split("\n"))) for n in numbers)
+        if needed <= width:
+            break
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+    for name in names:
+        table.add_column(name, overflow="fold", min_width=name_widths[name])
+    for name in numbers:
+        table.add_column(name, justify="right", no_wrap=True)
+    for r in rows:
+        row_cells = cells(r, sep)
+        table.add_row(*(str(r[k]) for k in names), *(row_cells[n] for n in numbers))
+    left_out = ["agreement", "parameter ratio", "other models", "wall time"]
+    left_out = [c for c in ("last", "teacher") if c not in numbers] + left_out
+    out = io.StringIO()
+    console = Console(file=out, width=width, color_system=None, highlight=False, markup=False, emoji=False)
+    console.print(caption(m) + " Gain: best val over the vanilla student.")
+    if same:
+        console.print("All rows: " + ", ".join(f"{k} {v}" for k, v in same.items()))
+    console.print(table)
+    console.print(f"More columns ({', '.join(left_out)}): --markdown or --csv.")
+    for line in notes(rows):
+        console.print(line)
+    if problems:
+        console.print("\nRuns not in the table:")
+        for run, why in problems:
+            console.print(f"- {short_path(run)}: {why}")
+    return out.getvalue().rstrip("\n")
 
 
 def short_path(run: str) -> str:
@@ -211,7 +414,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no results.json under {args.paths}", file=sys.stderr)
         return 1
     table = markdown(rows, problems)
-    print(table)
+    if sys.stdout.isatty():  # a person reads it: aligned columns at the terminal's width
+        import shutil
+
+        print(terminal_table(rows, problems, shutil.get_terminal_size().columns))
+    else:  # a pipe or a file: Markdown, as --markdown writes it
+        print(table)
     for path in (args.markdown, args.csv):
         if path:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -227,9 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         from kd_lab.tools.compare_plots import write_plots
 
         directory, prefix = (args.plots, "") if args.plots else (args.markdown.parent, f"{args.markdown.stem}_")
-        plots = write_plots(rows, directory, prefix)
+        plots, skipped = write_plots(rows, directory, prefix)
         for path in plots:
             print(f"plot: {path}", file=sys.stderr)
+        for note in skipped:
+            print(f"plot skipped: {note}", file=sys.stderr)
     if args.wandb:
         from kd_lab.tools.compare_wandb import log_comparison
 

@@ -1,14 +1,23 @@
-"""PNG plots of a ``kd-lab-compare`` table: accuracy per method with error bars, and accuracy against student size.
+"""PNG plots of a ``kd-lab-compare`` table: accuracy per method, and accuracy against student size.
 
-Both plot test accuracy at the best-validation epoch (mean ± std over seeds), the table's first protocol.
+Both plot the headline test metric at the best-validation epoch (mean ± std over seeds), the table's first
+protocol. Rows of different data, teacher, epoch budget or thread count never share a panel.
 Figures are drawn on matplotlib's Agg canvas (``Figure`` without pyplot): no display, no global state.
 """
 
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-PROTOCOL = "test accuracy at the best-val epoch\n(mean ± std over seeds)"
+PROTOCOL = "test accuracy at the best-val epoch (mean ± std over seeds)"
+LOWER_IS_BETTER = {"ppl", "loss", "mse", "mae"}  # headline metrics where a smaller value is the better one
+MARKERS = "osD^vPX*<>"  # one per student family in the size plot
+
+
+def metric_label(rows: list[dict[str, Any]]) -> str:
+    metric = rows[0].get("metric", "acc")
+    return PROTOCOL if metric == "acc" else PROTOCOL.replace("accuracy", metric)
 
 
 def method_label(row: dict[str, Any]) -> str:
@@ -17,82 +26,159 @@ def method_label(row: dict[str, Any]) -> str:
     return label if row["setting"] == "-" else f"{label} {row['setting']}"
 
 
-def student_label(row: dict[str, Any], several_pairs: bool) -> str:
-    return f"{row['student']} ← {row['teacher']} ({row['data']})" if several_pairs else row["student"]
+def budget_label(key: tuple) -> str:
+    epochs, threads = key
+    return f"{'-' if epochs is None else epochs} epochs" + ("" if threads is None else f", {threads} threads")
 
 
-def accuracy_by_method(rows: list[dict[str, Any]], path: Path) -> Path:
-    """One panel per student (per teacher and data, when there are several), one horizontal bar per method
-    that ran with it: readable however many methods a survey has."""
-    from matplotlib.figure import Figure
+def family(student: str) -> str:
+    """A student's architecture family: its name before the first ``_``, without a trailing depth or width
+    (``resnet20``, ``resnet8x4``: resnet; ``mlp_small``, ``mlp_medium``: mlp; ``cnn1d_tiny``: cnn1d)."""
+    stem = student.split("_")[0]
+    match = re.fullmatch(r"(.*?[A-Za-z])\d+(?:x\d+)?", stem)
+    return match.group(1) if match else stem
 
-    several = len({(r["data"], r["teacher"]) for r in rows}) > 1
-    panels: dict[str, list[dict[str, Any]]] = {}
+
+def method_panels(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """Rows by (data, teacher, student, epochs, threads). A row without a teacher (self-distillation) joins
+    the one panel of its student under the same budget, so its bar stands next to the vanilla student."""
+    panels: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        panels.setdefault(student_label(r, several), []).append(r)
-    ncols = min(3, len(panels))
-    nrows = -(-len(panels) // ncols)
-    tallest = max(len(v) for v in panels.values())
-    fig = Figure(figsize=(4.8 * ncols, (0.6 + 0.26 * tallest) * nrows + 0.6), layout="constrained")
-    low = min(r["acc_best"] - r["std_best"] for r in rows)
-    high = max(r["acc_best"] + r["std_best"] for r in rows)
-    if rows[0].get("metric", "acc") == "acc":  # accuracies: a margin, within [0, 1]
-        low, high = max(0.0, low - 0.05), min(1.0, high + 0.02)
-    else:  # another metric (perplexity): 5% of its range on each side
-        pad = 0.05 * (high - low or abs(high) or 1.0)
-        low, high = low - pad, high + pad
-    for i, (student, panel) in enumerate(panels.items()):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        ys = range(len(panel))
-        ax.barh(ys, [r["acc_best"] for r in panel], xerr=[r["std_best"] for r in panel], capsize=2,
-                color=["tab:gray" if r["algorithm"] == "none" else "tab:blue" for r in panel])  # fmt: skip
-        ax.set_yticks(ys, [method_label(r) for r in panel], fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlim(low, high)
-        ax.set_title(student, fontsize=8)
-        ax.tick_params(axis="x", labelsize=7)
-    metric = rows[0].get("metric", "acc")
-    label = PROTOCOL.replace("\n", " ")
-    fig.supxlabel(label if metric == "acc" else label.replace("accuracy", metric), fontsize=8)
-    fig.savefig(path, dpi=120)
-    return path
+        if r["teacher"] != "-":
+            panels[(r["data"], r["teacher"], r["student"], r["epochs"], r["threads"])].append(r)
+    for r in rows:
+        if r["teacher"] == "-":
+            same = [
+                k for k in panels if (k[0], k[2], k[3], k[4]) == (r["data"], r["student"], r["epochs"], r["threads"])
+            ]
+            key = same[0] if len(same) == 1 else (r["data"], "-", r["student"], r["epochs"], r["threads"])
+            panels[key].append(r)
+    return dict(panels)
 
 
-def accuracy_vs_student_size(rows: list[dict[str, Any]], path: Path) -> Path:
-    """One line per method through its students, by parameter count (log scale)."""
+def accuracy_by_method_figure(rows: list[dict[str, Any]]):
+    """One panel per student (and data, teacher, budget): one bar per method, best first, with the std over
+    seeds as error bars and the value written on the bar; the vanilla student and the teacher are labelled
+    horizontal lines, so a bar reads against both."""
     from matplotlib.figure import Figure
 
-    by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        if row.get("student_params"):
-            by_method[method_label(row)].append(row)
-    fig = Figure(figsize=(9.0, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    for method, points in by_method.items():
-        points.sort(key=lambda r: r["student_params"])
-        ax.errorbar(
-            [r["student_params"] for r in points],
-            [r["acc_best"] for r in points],
-            yerr=[r["std_best"] for r in points],
-            marker="o",
+    panels = method_panels(rows)
+    ncols = min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    widest = max(len(v) for v in panels.values())
+    fig = Figure(figsize=(max(5.0, 1.0 + 0.55 * widest) * ncols + 1.6, 4.2 * nrows), layout="constrained")
+    metric = rows[0].get("metric", "acc")
+    lower_better = metric in LOWER_IS_BETTER
+    for i, (key, panel) in enumerate(panels.items()):
+        data, teacher, student, *budget = key
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        vanilla = [r for r in panel if r["algorithm"] == "none"]
+        # one vanilla row is the reference line; several (different settings) stay bars, told apart by label
+        bars = [r for r in panel if not (len(vanilla) == 1 and r is vanilla[0])]
+        bars.sort(key=lambda r: r["acc_best"], reverse=not lower_better)  # the best method first
+        xs = range(len(bars))
+        container = ax.bar(
+            xs,
+            [r["acc_best"] for r in bars],
+            yerr=[r["std_best"] for r in bars],
             capsize=3,
-            label=method,
+            color=["tab:gray" if r["algorithm"] == "none" else "tab:blue" for r in bars],
         )
-    ax.set_xscale("log")
-    ax.set_xlabel("student parameters")
-    ax.set_ylabel(PROTOCOL)
-    if by_method:
-        fig.legend(fontsize=7, loc="outside right upper")
-    fig.savefig(path, dpi=120)
-    return path
+        values = [f"{r['acc_best']:.3f}" for r in bars]
+        ax.bar_label(container, labels=values, label_type="center", rotation=90, color="white", fontsize=8)
+        ax.set_xticks(xs, [method_label(r) for r in bars], rotation=35, ha="right", fontsize=7)
+        tops = [r["acc_best"] + r["std_best"] for r in panel]
+        if len(vanilla) == 1:
+            v = vanilla[0]["acc_best"]
+            ax.axhline(v, color="tab:gray", linestyle=":", linewidth=1.5, label=f"vanilla student {v:.3f}")
+        teachers = [r["teacher_acc"] for r in panel if r.get("teacher_acc") is not None]
+        if teachers:
+            t = sum(teachers) / len(teachers)
+            ax.axhline(t, color="black", linestyle="--", linewidth=1.2, label=f"teacher {t:.3f}")
+            tops.append(t)
+        # The value axis starts at 0, so a bar's height is proportional to its value: a gap of 0.01 looks like
+        # one. The printed values carry the small differences. Accuracy ends at 1 (its upper bound).
+        ax.set_ylim(0.0, 1.0 if metric == "acc" else 1.1 * max(tops))
+        ax.set_ylabel(metric, fontsize=8)
+        ax.set_title(f"{student} ← {teacher} ({data}), {budget_label(tuple(budget))}", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.supxlabel(metric_label(rows) + (", lower is better" if lower_better else ""), fontsize=8)
+    return fig
 
 
-def write_plots(rows: list[dict[str, Any]], directory: Path, prefix: str = "") -> list[Path]:
-    """Both plots as ``<directory>/<prefix>accuracy_by_method.png`` and ``...accuracy_vs_student_size.png``."""
+def accuracy_vs_student_size_figure(rows: list[dict[str, Any]]):
+    """Accuracy against the student's parameter count (log scale), one panel per (data, teacher, budget).
+
+    Returns ``(figure or None, notes)``: a panel with fewer than two students says nothing about size and is
+    left out (a note says so). Each method has a colour, each student family a marker. Lines join a method's
+    points only within one family: a line between two architectures would suggest a trend that is not there.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+
+    panels: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r.get("student_params"):
+            panels[(r["data"], r["teacher"], r["epochs"], r["threads"])].append(r)
+    notes, kept = [], {}
+    for key, panel in panels.items():
+        students = sorted({r["student"] for r in panel})
+        where = f"{key[0]}, teacher {key[1]}, {budget_label(key[2:])}"
+        if len(students) < 2:
+            notes.append(f"accuracy vs student size for {where}: one student ({students[0]}); it needs two or more")
+        else:
+            kept[key] = panel
+    if not panels:
+        notes.append("accuracy vs student size: no results.json records the student's parameter count")
+    if not kept:
+        return None, notes
+    methods = sorted({method_label(r) for p in kept.values() for r in p})
+    families = sorted({family(r["student"]) for p in kept.values() for r in p})
+    colour = {m: f"C{i % 10}" for i, m in enumerate(methods)}
+    marker = {f: MARKERS[i % len(MARKERS)] for i, f in enumerate(families)}
+    fig = Figure(figsize=(9.0, 4.2 * len(kept)), layout="constrained")
+    for i, (key, panel) in enumerate(kept.items()):
+        ax = fig.add_subplot(len(kept), 1, i + 1)
+        series: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+        for r in panel:
+            series[(method_label(r), family(r["student"]))].append(r)
+        for (method, fam), points in series.items():
+            points.sort(key=lambda r: r["student_params"])
+            ax.errorbar(
+                [r["student_params"] for r in points],
+                [r["acc_best"] for r in points],
+                yerr=[r["std_best"] for r in points],
+                color=colour[method],
+                marker=marker[fam],
+                linestyle="-" if len(points) > 1 else "none",  # points of one family only (see above)
+                capsize=3,
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("student parameters", fontsize=8)
+        ax.set_ylabel(metric_label(rows).replace(" (", "\n("), fontsize=8)
+        ax.set_title(f"{key[0]}, teacher {key[1]}, {budget_label(key[2:])}", fontsize=8)
+    handles = [Line2D([], [], color=colour[m], linewidth=3, label=m) for m in methods]
+    handles += [Line2D([], [], color="black", marker=marker[f], linestyle="none", label=f) for f in families]
+    fig.legend(handles=handles, fontsize=7, loc="outside right upper", title="method / family", title_fontsize=7)
+    return fig, notes
+
+
+def write_plots(rows: list[dict[str, Any]], directory: Path, prefix: str = "") -> tuple[list[Path], list[str]]:
+    """``<directory>/<prefix>accuracy_by_method.png`` and ``...accuracy_vs_student_size.png``; returns the
+    written paths and a note for each plot (or panel) left out, with the reason."""
     if not rows:
-        return []
+        return [], []
     directory.mkdir(parents=True, exist_ok=True)
-    return [
-        accuracy_by_method(rows, directory / f"{prefix}accuracy_by_method.png"),
-        accuracy_vs_student_size(rows, directory / f"{prefix}accuracy_vs_student_size.png"),
-    ]
+    path = directory / f"{prefix}accuracy_by_method.png"
+    accuracy_by_method_figure(rows).savefig(path, dpi=120)
+    written = [path]
+    size, notes = accuracy_vs_student_size_figure(rows)
+    path = directory / f"{prefix}accuracy_vs_student_size.png"
+    if size is None:
+        path.unlink(missing_ok=True)  # an older file of this name would read as this table's plot
+    else:
+        size.savefig(path, dpi=120)
+        written.append(path)
+    return written, notes
