@@ -52,7 +52,8 @@ def read_only(path: Path) -> Iterator[None]:
 
 
 def entries(store: Path) -> list[str]:
-    return sorted(p.name for p in store.iterdir() if not p.name.endswith(".lock"))
+    """The store's teacher entries (not their locks, nor ``views/``: the teacher view store's files)."""
+    return sorted(p.name for p in store.iterdir() if not p.name.endswith(".lock") and p.name != "views")
 
 
 # -- the store key ------------------------------------------------------------------------------------------

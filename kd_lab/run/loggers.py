@@ -1,4 +1,4 @@
-"""Loggers from config: W&B (offline unless the user has configured it), CSV, or none.
+"""Loggers from config: W&B (offline unless the user has configured it), CSV, TensorBoard, or none.
 
 W&B facts that shape this file (measured with W&B 0.31 on machines without network): online with a key but
 no network hangs ~100 s, so online is used only when credentials exist *and* the server answers within a
@@ -23,11 +23,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from urllib.parse import urlparse
 
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kd_lab.errors import brief
 
@@ -182,12 +183,36 @@ def wandb_mode(requested: str | None) -> str:
 INIT_TIMEOUT = 20
 
 
+def _wandb_settings(mode: str, spec: dict) -> dict:
+    """``wandb.init``'s settings: W&B's own terminal lines off, the user's ``settings`` keys on top.
+
+    W&B prints ~30 lines per run (banner, history, summary, sync hint) that bury kd-lab's summary. Offline,
+    ``silent`` drops them all; kd-lab's own line says where the run is and how to sync or view it. Warnings W&B
+    prints with ``termwarn`` (those meant for the user) still show: ``silent`` of one run only stops that run's
+    printer. Online, ``quiet`` keeps the run's name and link. The console capture stays W&B's default, so the
+    run's ``output.log`` still holds the terminal output.
+    """
+    ours: dict = {"silent": True} if mode == "offline" else {"quiet": True}
+    if mode == "online":
+        ours["init_timeout"] = INIT_TIMEOUT
+    theirs = spec.get("settings") or {}
+    if isinstance(theirs, DictConfig):
+        theirs = OmegaConf.to_container(theirs, resolve=True)
+    return {**ours, **theirs}
+
+
+def _instantiate_wandb(spec: dict, mode: str) -> WandbLogger:
+    # _convert_="all": wandb.init takes a plain dict as settings and ignores a DictConfig
+    logger = instantiate(spec, mode=mode, settings=_wandb_settings(mode, spec), _convert_="all")
+    if logger._wandb_init.get("anonymous") is None:  # Lightning passes None, which W&B warns is deprecated
+        logger._wandb_init.pop("anonymous", None)
+    return logger
+
+
 def _wandb_logger(spec: dict) -> WandbLogger:
     """The W&B logger of ``spec``; an online run is started here, so that a server that fails ``wandb.init``
     anyway (after the probe) makes an offline run with a warning instead of ending the training."""
-    mode = wandb_mode(spec.get("mode"))
-    extra = {} if mode != "online" or "settings" in spec else {"settings": {"init_timeout": INIT_TIMEOUT}}
-    logger = instantiate(spec, mode=mode, **extra)
+    logger = _instantiate_wandb(spec, wandb_mode(spec.get("mode")))
     if logger._wandb_init["mode"] != "online":
         return logger
     try:
@@ -203,21 +228,59 @@ def _wandb_logger(spec: dict) -> WandbLogger:
             brief(e, 200, sentence=True),
             SYNC_HINT,
         )
-        logger = instantiate(spec, mode="offline")
+        logger = _instantiate_wandb(spec, "offline")
     return logger
 
 
-def build_loggers(cfg: DictConfig | None) -> list[Logger]:
+def _say_where(logger: WandbLogger) -> None:
+    """One line in place of W&B's banner: the run, its mode and, offline, how to upload or view it."""
+    mode, name = logger._wandb_init["mode"], logger._wandb_init.get("name")
+    where = Path(logger._wandb_init.get("dir") or ".") / "wandb"
+    if mode == "offline":
+        log.info(
+            "W&B run %s logs offline: `wandb sync %s/offline-run-*` uploads it, "
+            "`wandb leet %s` shows it in the terminal",
+            name,
+            where,
+            where,
+        )
+    else:
+        log.info("W&B run %s logging %s to %s", name, mode, where)
+
+
+def build_loggers(cfg: DictConfig | dict | None) -> list[Logger]:
     loggers: list[Logger] = []
     for _name, spec in (cfg or {}).items():
         if not spec or "_target_" not in spec:
             continue
         if spec["_target_"].endswith("WandbLogger"):
             loggers.append(_wandb_logger(spec))
-            log.info("W&B logging %s to %s", loggers[-1]._wandb_init["mode"], spec.get("save_dir"))
+            _say_where(loggers[-1])
         else:
             loggers.append(instantiate(spec))
     return loggers
+
+
+TEACHER_DIR = "teacher"  # a store teacher's CSV and TensorBoard logs: <the run's save_dir>/teacher/
+
+
+def build_teacher_loggers(cfg: DictConfig | None, name: str, tags: list[str]) -> list[Logger]:
+    """The run's loggers (its ``logger`` config) for a teacher that the store trains now, so its training curve
+    is kept: a W&B run of its own (same project and group, ``job_type`` teacher, named ``name``), and every
+    other logger writing under ``<its save_dir>/teacher``. Nothing here changes what the teacher learns."""
+    specs: dict[str, dict] = {}
+    for key, spec in (cfg or {}).items():
+        if not spec or "_target_" not in spec:
+            continue
+        spec = OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else dict(spec)
+        if spec["_target_"].endswith("WandbLogger"):
+            spec.pop("id", None)  # a run id or version of the run's own would resume that run
+            spec.pop("version", None)
+            spec.update(name=name, job_type="teacher", tags=tags)
+        elif spec.get("save_dir") is not None:
+            spec["save_dir"] = str(Path(spec["save_dir"]) / TEACHER_DIR)
+        specs[key] = spec
+    return build_loggers(specs)
 
 
 def finish_loggers(loggers: list[Logger]) -> None:

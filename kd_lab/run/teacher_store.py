@@ -34,12 +34,13 @@ from kd_lab.run.builders import build_model, build_trainer, to_dict
 from kd_lab.run.callbacks import EpochSummary
 from kd_lab.run.checkpoints import load_weights
 from kd_lab.run.ddp import global_rank
+from kd_lab.run.loggers import build_teacher_loggers, finish_loggers
 from kd_lab.run.module import NoOptimizerStep, count_parameters
 from kd_lab.schemes.offline import Offline
 from kd_lab.utils.io import atomic_torch_save, atomic_write_json
 
 log = logging.getLogger(__name__)
-KEY_VERSION = 2  # 2: the world size and the effective batch are part of the key
+KEY_VERSION = 3  # 2: the world size and the effective batch are part of the key; 3: the thread count
 # where the data lives, eval batching and the run's seed (the teacher's data order follows teacher.seed)
 DATA_KEYS_IGNORED = (
     "data_dir",
@@ -93,6 +94,7 @@ def learning_context(cfg: DictConfig) -> dict[str, Any]:
         "world_size": processes,
         "accumulate_grad_batches": accumulate,
         "effective_batch": processes * accumulate * int(cfg.data.get("batch_size") or 1),
+        "threads": cfg.get("threads"),  # CPU threads change the trained weights (kd_lab/run/threads.py)
     }
 
 
@@ -133,11 +135,22 @@ def fill_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModule
         return {**info, "source": "checkpoint", "path": str(t.ckpt_path)}
     key = teacher_key(cfg)
     entry = Path(cfg.paths.teacher_store) / f"{t.name}-{key}"
-    meta, reused = cached_entry(entry, lambda staging: train_teacher(cfg, model, datamodule, staging))
+    meta, reused = cached_entry(entry, lambda staging: train_teacher(cfg, model, datamodule, staging, entry.name))
     if reused:  # otherwise ``model`` holds the weights just trained (ranks > 0 never wait for rank 0's file)
         load_weights(model, entry / "teacher.pt", "teacher")
         log.info("Reusing cached teacher %s (key %s, %s) from %s", t.name, key, headline(meta["metrics"]), entry)
     return {**info, "source": "cache", "reused": reused, "path": str(entry), "key": key, **meta}
+
+
+def teacher_loggers(cfg: DictConfig, entry_name: str) -> list:
+    """The run's loggers for the teacher trained into the store entry ``entry_name``: a W&B run named
+    ``teacher-<entry>`` (job_type teacher), CSV and TensorBoard logs under ``<run dir>/teacher/``. They hold
+    the teacher's config and store key as hyperparameters."""
+    tags = [name for name in (cfg.teacher.get("name"), cfg.data.get("name"), "teacher") if name]
+    loggers = build_teacher_loggers(cfg.get("logger"), f"teacher-{entry_name}", tags)
+    for logger in loggers:
+        logger.log_hyperparams({"teacher": to_dict(cfg.teacher), "store_entry": entry_name, **learning_context(cfg)})
+    return loggers
 
 
 def headline(metrics: dict[str, float], name: str | None = None) -> str:
@@ -235,10 +248,28 @@ def cached_entry(entry: Path, make: Callable[[Path], dict[str, Any]]) -> tuple[d
             lock.release()
 
 
-def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModule, staging: Path) -> dict[str, Any]:
-    """Train the teacher of ``cfg`` into ``model``; write its weights into ``staging``; return the meta."""
+def train_teacher(
+    cfg: DictConfig, model: nn.Module, datamodule: TensorDataModule, staging: Path, entry_name: str | None = None
+) -> dict[str, Any]:
+    """Train the teacher of ``cfg`` into ``model``; write its weights into ``staging``; return the meta. Its
+    training is logged into the entry (``metrics.csv``) and through the run's loggers (``teacher_loggers``)."""
     t = cfg.teacher
     log.info("No cached teacher %s: training it for %d epochs", t.name, t.max_epochs)
+    is_zero = global_rank() == 0
+    # built before the seed is set, and they draw from no generator of torch: the teacher is the same with
+    # or without them (tests/test_loggers.py)
+    loggers = teacher_loggers(cfg, entry_name or t.name) if is_zero else []
+    try:
+        return _fit_teacher(cfg, model, datamodule, staging, loggers)
+    finally:
+        finish_loggers(loggers)  # the teacher's W&B run ends here; the student's starts after
+
+
+def _fit_teacher(
+    cfg: DictConfig, model: nn.Module, datamodule: TensorDataModule, staging: Path, loggers: list
+) -> dict[str, Any]:
+    t = cfg.teacher
+    is_zero = global_rank() == 0
     L.seed_everything(t.seed, workers=True, verbose=False)
     # The initial weights follow teacher.seed (part of the key), not the run's seed the model was built with:
     # whichever run of a sweep trains the entry first, the same key holds the same teacher.
@@ -249,11 +280,10 @@ def train_teacher(cfg: DictConfig, model: nn.Module, datamodule: TensorDataModul
     plan = perf_plan(cfg)
     step = build_step(datamodule, model, NoDistillation(), Offline(), build_task(cfg), [], plan, trains_a_teacher=True)
     module = build_module(cfg, step, t.optim, plan, role="teacher")
-    is_zero = global_rank() == 0
     trainer = build_trainer(
         cfg.trainer,
         callbacks=[EpochSummary(every=max(1, t.max_epochs // 5))],
-        loggers=[CSVLogger(staging, name="", version="")] if is_zero else False,
+        loggers=[CSVLogger(staging, name="", version=""), *loggers] if is_zero else False,
         max_epochs=t.max_epochs,
         enable_checkpointing=False,
         default_root_dir=str(staging),

@@ -9,8 +9,6 @@ ids a text gets; two models may share logits only when their data share a finger
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from kd_lab.data.text.corpus import Corpus
 from kd_lab.errors import KDLabError, brief
+from kd_lab.utils.io import atomic_write_text  # the mode of a plain open(), not mkstemp's 0600
 
 log = logging.getLogger(__name__)
 
@@ -163,21 +162,6 @@ def _read_cached(cache: Path) -> Tokenizer:
     if any(backend.token_to_id(token) is None for token in SPECIAL_TOKENS):
         raise KDLabError(f"tokenizer cache {cache} lacks the tokens {SPECIAL_TOKENS}; delete it (rm {cache}).")
     return backend
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_pretrained(directory: str | Path) -> BackendTokenizer | PythonTokenizer:
