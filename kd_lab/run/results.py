@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from kd_lab.run.outcome import interruption
 from kd_lab.utils.io import atomic_write_json
 
@@ -30,7 +32,8 @@ def package_versions() -> dict[str, str]:
 
 def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
     path = Path(run_dir) / "results.json"
-    atomic_write_json({**results, "versions": package_versions()}, path)
+    # threads: the count in effect (conf/train.yaml `threads`, or torch's default): it changes the numbers
+    atomic_write_json({**results, "threads": torch.get_num_threads(), "versions": package_versions()}, path)
     return path
 
 

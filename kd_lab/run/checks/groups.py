@@ -39,6 +39,7 @@ class RunScalars:
     reported as ``seed``, the key that was set, before the node that follows it."""
 
     seed: int = 0
+    threads: int | None = 1  # torch's CPU threads per process; None: torch's default
 
 
 # dotted config path -> its schema

@@ -62,6 +62,7 @@ RANGES: tuple[Bound, ...] = (
     Bound("trainer.max_epochs", AT_LEAST_ONE, "the student's epochs", "300"),
     Bound("teacher.max_epochs", AT_LEAST_ONE, "the teacher's epochs", "30"),
     Bound("seed", SEED, "the run's seed", "0"),
+    Bound("threads", AT_LEAST_ONE, "CPU threads per process (null keeps torch's default)", "1"),
     Bound("teacher.seed", SEED, "the teacher's seed", "0"),
     Bound("data.split_seed", SEED, "the validation split's seed", "0"),
     Bound("callbacks.*.every", AT_LEAST_ONE, "a period in epochs", "5"),

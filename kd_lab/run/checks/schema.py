@@ -5,10 +5,11 @@ Checked, in this order: keys that no schema knows (``+algorithm.temprature=4``; 
 suggested), values of the wrong type (``algorithm.temperature=hot``), values out of range (the table in
 ``kd_lab.run.checks.ranges``, and the bounds in signatures, ``kd_lab.core.bounds``), files named by the
 config, the GPUs the trainer asks for (``kd_lab.run.checks.devices``), the algorithm x scheme x task pairing,
-and what ``ckpt_path`` holds (``kd_lab.run.checks.checkpoint``). Nothing is built: tap paths, connectors,
-output shapes and the data are checked by the data module's setup and the run's one build, with untrained
-teachers (``kd_lab.run.assemble.build_run``). Unknown options of a group (``algorithm=kdd``) never reach
-this: Hydra rejects them while composing and lists the valid options.
+settings that cannot do what they say together (``kd_lab.run.checks.settings``: a warning, or a refusal
+where the run would be meaningless), and what ``ckpt_path`` holds (``kd_lab.run.checks.checkpoint``).
+Nothing is built: tap paths, connectors, output shapes and the data are checked by the data module's setup
+and the run's one build, with untrained teachers (``kd_lab.run.assemble.build_run``). Unknown options of a
+group (``algorithm=kdd``) never reach this: Hydra rejects them while composing and lists the valid options.
 """
 
 import difflib
@@ -27,6 +28,7 @@ from kd_lab.run.checks.compatibility import check_compatible
 from kd_lab.run.checks.devices import check_devices
 from kd_lab.run.checks.groups import GROUP_SCHEMAS, RunScalars
 from kd_lab.run.checks.ranges import out_of_range
+from kd_lab.run.checks.settings import check_settings
 from kd_lab.run.checks.signatures import EMPTY, Signature, fits, signature_of, type_name
 
 # nodes that kd_lab.run.builders.build() instantiates: it drops META_KEYS (name, extra_teachers, ...) first
@@ -43,6 +45,7 @@ def validate_config(cfg: DictConfig) -> None:
     kind = getattr(_locate(task["_target_"]), "kind", None) if "_target_" in task else None
     # the pairing rules first: they explain a build error
     check_compatible(cfg.algorithm.name, cfg.algorithm.get("_target_"), cfg.scheme.name, kind)
+    check_settings(to_dict(cfg))  # settings that cannot do what they say: warnings, or a refusal
     check_resume_checkpoint(to_dict(cfg))  # reads the file: last
 
 
