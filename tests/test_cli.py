@@ -1,9 +1,13 @@
 """The `kd-lab` command: help, config printing, DDP and multirun. Subprocesses (slow: ~5 s each to start)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from helpers import TINY, run_kd_lab
+
+from kd_lab.run.outcome import RECORDS_DIR
 
 
 def test_help_lists_the_config_groups(tmp_path):
@@ -12,6 +16,30 @@ def test_help_lists_the_config_groups(tmp_path):
                   "paths", "experiment", "debug"):  # fmt: skip
         assert f"\n{group}: " in out, group
     assert "hydra: default" in out and "kd-lab -m algorithm=none,kd seed=0,1,2" in out
+    data = next(line for line in out.splitlines() if line.startswith("data: "))
+    assert "mnist1d" in data and "_serving" not in data  # a shared defaults file is no data set
+    assert "kd-lab --cfg job" in out  # how to print the config, instead of printing all of it
+    assert "_target_" not in out and len(out.splitlines()) < 60
+    assert not (tmp_path / "logs").exists()  # --help creates no run directory
+
+
+def test_the_cli_module_imports_no_torch_before_hydra_runs():
+    """``kd-lab --help`` and ``--cfg job`` took 11-15 s, nearly all of it importing torch, Lightning and
+    transformers; the module behind the command imports them only when a run starts."""
+    heavy = "('torch', 'lightning', 'transformers')"
+    code = f"import sys, kd_lab.run.train; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_deferred_names_are_module_attributes():
+    """Tests patch ``kd_lab.run.train.build_callbacks`` and the like: they are attributes, imported on first use."""
+    from kd_lab.run import train as train_module
+    from kd_lab.run.builders import build_callbacks
+
+    assert train_module.build_callbacks is build_callbacks
+    with pytest.raises(AttributeError, match="no_such_name"):
+        train_module.no_such_name  # noqa: B018
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path):
@@ -65,9 +93,12 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     # the first job cannot build: the sweep goes on, then says so and exits non-zero
     assert proc.returncode == 1 and "1 of 2 jobs finished; failed:" in proc.stderr
     (sweep,) = (tmp_path / "logs" / "multiruns").iterdir()
-    results = [json.loads((job / "results.json").read_text()) for job in sweep.iterdir() if job.is_dir()]
-    statuses = {r["config"]["student"]["model"]["num_classes"]: r["status"] for r in results}
-    assert statuses == {7: "failed", 10: "finished"}
+    # it failed before any compute: no job directory, its record kept for the sweep report
+    jobs = [job for job in sweep.iterdir() if job.is_dir() and not job.name.startswith(".")]
+    results = [json.loads((job / "results.json").read_text()) for job in jobs]
+    records = [json.loads(p.read_text()) for p in (sweep / RECORDS_DIR).glob("*.json")]
+    statuses = {r["config"]["student"]["model"]["num_classes"]: r["status"] for r in results + records}
+    assert statuses == {7: "failed", 10: "finished"} and len(jobs) == 1 and records[0]["stage"] == "checks"
 
 
 @pytest.mark.slow

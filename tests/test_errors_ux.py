@@ -27,19 +27,30 @@ def the_run(root: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_kdlab_error_is_one_message_and_exit_status_1(tmp_path):
+    """A mistake found before any compute: one message, exit status 1, and no run directory left behind (it
+    used to leave a failed run in logs/runs for every typo)."""
     proc = run_kd_lab(tmp_path, *TINY, "logger=none", "algorithm.temperature=-1", check=False)
     assert proc.returncode == 1
     out = proc.stdout + proc.stderr
     assert "Traceback" not in out
-    results = the_run(tmp_path) / "results.json"
     assert proc.stderr.splitlines() == [
         f"kd-lab: {SENTENCE}",
-        f"(recorded as failed in {results}, with the traceback; HYDRA_FULL_ERROR=1 prints the traceback here)",
+        "(found before any compute, so no run directory was kept; HYDRA_FULL_ERROR=1 prints the traceback here)",
     ]
     assert len(out.strip().splitlines()) <= 4, out
+    assert list((tmp_path / "logs" / "runs").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_failure_after_compute_keeps_its_run_and_says_where(tmp_path):
+    """The teacher's training diverged: that run spent compute, so its directory stays, with the record."""
+    proc = run_kd_lab(tmp_path, *TINY, "logger=none", "teacher.optim.optimizer.lr=1e30", check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = the_run(tmp_path) / "results.json"
     recorded = json.loads(results.read_text())
-    assert recorded["status"] == "failed" and recorded["error"] == f"KDLabError: {SENTENCE}"
-    assert "Traceback" in recorded["traceback"] and "validate_config" in recorded["traceback"]
+    assert recorded["status"] == "failed" and recorded["stage"] == "teacher", recorded.get("error")
+    assert "non-finite loss while training the teacher" in recorded["error"]
+    assert f"(recorded as failed in {results}, with the traceback;" in proc.stderr
 
 
 @pytest.mark.slow
@@ -79,12 +90,21 @@ def test_a_sweep_with_a_failed_job_says_which_and_exits_1(tmp_path, launcher):
     proc = run_kd_lab(tmp_path, *args, check=False)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     (sweep,) = (tmp_path / "logs" / "multiruns").iterdir()
-    (failed,), (finished,) = sweep.glob("0_*"), sweep.glob("1_*")  # names cut by kd_short_name: TINY is long
-    assert json.loads((failed / "results.json").read_text())["status"] == "failed"
+    # the job that failed before any compute left no directory, only its record (for this report)
+    assert not list(sweep.glob("0_*"))
+    (record,), (finished,) = (sweep / outcome.RECORDS_DIR).glob("0_*.json"), sweep.glob("1_*")
+    assert json.loads(record.read_text())["status"] == "failed"
     assert json.loads((finished / "results.json").read_text())["status"] == "finished"
+    failed = sweep / record.stem  # names cut by kd_short_name: TINY is long
     report = proc.stderr[proc.stderr.index("kd-lab: 1 of 2 jobs finished") :].splitlines()
-    assert report == ["kd-lab: 1 of 2 jobs finished; failed:", f"  {failed}: failed: KDLabError: {SENTENCE}"]
+    assert report == [
+        "kd-lab: 1 of 2 jobs finished; failed:",
+        f"  {failed}: failed: KDLabError: {SENTENCE} (found before any compute: nothing ran, and the job's "
+        "directory was removed)",
+    ]
     assert "Traceback" not in proc.stderr
+    # the table of the sweep (kd-lab-compare's, Markdown into a pipe) and the command that prints it again
+    assert "| kd |" in proc.stdout and f"kd-lab: print this table again with: kd-lab-compare {sweep}" in proc.stderr
 
 
 def test_the_sweep_report_lists_jobs_without_results(tmp_path):

@@ -112,8 +112,8 @@ def test_bad_tap_path_fails_at_build_time(make_cfg):
 
 def test_non_finite_loss_stops_the_run_naming_the_term(make_cfg, tmp_path):
     cfg = make_cfg("algorithm=none", "algorithm._target_=helpers.NaNAfter", "+algorithm.after=8", "callbacks=default")
-    with pytest.raises(KDLabError, match=r"non-finite loss at epoch 1, step 8: term\(s\) \['exploding'\]"):
+    with pytest.raises(KDLabError, match=r"non-finite loss at epoch 2, step 8: term\(s\) \['exploding'\]"):
         train(cfg)
-    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()  # epoch 0's checkpoint is kept
+    assert (tmp_path / "run" / "checkpoints" / "best.ckpt").is_file()  # the first epoch's checkpoint is kept
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["status"] == "failed" and "exploding" in results["error"]

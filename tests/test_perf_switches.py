@@ -53,10 +53,10 @@ def test_a_deferred_finite_check_still_stops_before_the_next_checkpoint(make_cfg
         "callbacks=default",
         "perf.check_finite_every=1000",  # only the end-of-epoch check can catch it
     )
-    with pytest.raises(KDLabError, match=r"non-finite loss at epoch 1, step 8: term\(s\) \['exploding'\]"):
+    with pytest.raises(KDLabError, match=r"non-finite loss at epoch 2, step 8: term\(s\) \['exploding'\]"):
         train(cfg)
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert last["epoch"] == 0  # epoch 1's NaN weights never reached a checkpoint
+    assert last["epoch"] == 0  # the second epoch's NaN weights never reached a checkpoint (Lightning counts from 0)
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "failed"
 
 

@@ -95,7 +95,7 @@ def test_killed_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_path):
         assert resumed[key] == pytest.approx(value, abs=1e-6), key
     results = json.loads((run / "results.json").read_text())
     assert results["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
-    assert results["last"]["epoch"] == 29
+    assert results["last"]["epoch"] == 30  # epochs counted from 1
 
     # the same directory, the original's files kept; the loggers continue their runs
     assert (run / ".hydra" / "config.yaml").read_text() == original_hydra
@@ -129,7 +129,7 @@ def test_a_killed_multirun_job_resumes_to_the_metrics_of_the_sweep_left_alone(tm
         assert resumed[key] == pytest.approx(value, abs=1e-6), key
     results = json.loads((job / "results.json").read_text())
     assert results["seed"] == 1 and results["resumed_from"] == str(job / "checkpoints" / "last.ckpt")
-    assert results["last"]["epoch"] == 29
+    assert results["last"]["epoch"] == 30  # epochs counted from 1
     assert (job / ".hydra" / "config.yaml").read_text() == original_hydra
     assert not list((tmp_path / "killed" / "logs" / "runs").glob("*"))  # no new run dir: the job's own
     assert csv_epochs(job) == list(range(30))
@@ -153,7 +153,7 @@ def test_a_killed_ddp_run_resumes_to_the_metrics_of_an_uninterrupted_one(tmp_pat
     for key, value in reference.items():
         assert resumed[key] == pytest.approx(value, abs=1e-6), key
     results = json.loads((run / "results.json").read_text())
-    assert results["world_size"] == 2 and results["last"]["epoch"] == 15
+    assert results["world_size"] == 2 and results["last"]["epoch"] == 16
     assert results["resumed_from"] == str(run / "checkpoints" / "last.ckpt")
     assert (run / "ddp_rank_1.log").is_file()  # rank 1 of the resume ran in the run's directory
     assert csv_epochs(run) == list(range(16))

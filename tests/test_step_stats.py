@@ -56,7 +56,7 @@ def test_epoch_sums_weight_by_batch_size_and_reset():
 def test_the_guard_names_the_first_bad_step_however_often_it_checks(every):
     guard = FiniteGuard(every)
     nan = torch.tensor(float("nan"))
-    with pytest.raises(NonFiniteLossError, match=r"epoch 0, step 2: term\(s\) \['kd'\] = \[nan\]"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step 2: term\(s\) \['kd'\] = \[nan\]"):
         for step in range(10):
             terms = {"ce": torch.tensor(1.0), "kd": nan if step >= 2 else torch.tensor(0.5)}
             loss = torch.stack(list(terms.values())).sum()

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from kd_lab import short_name
+from kd_lab.run.outcome import RECORDS_DIR
 from kd_lab.run.train import CONFIG_DIR
 from kd_lab.tools.compare import find_results, summarize
 
@@ -37,7 +38,9 @@ def test_joblib_runs_jobs_in_parallel_processes_and_records_failures(tmp_path):
     )
     assert "Joblib.Parallel(n_jobs=2" in out.stdout + out.stderr
     assert out.returncode == 1 and "1 of 2 jobs finished; failed:" in out.stderr
-    runs = job_results(the_sweep(tmp_path))
+    # the 7-class job failed before any compute: its directory is removed, its record kept for the report
+    records = [json.loads(p.read_text()) for p in (the_sweep(tmp_path) / RECORDS_DIR).glob("*.json")]
+    runs = job_results(the_sweep(tmp_path)) + records
     assert sorted((r["config"]["student"]["model"]["num_classes"], r["status"]) for r in runs) == [
         (7, "failed"),
         (10, "finished"),

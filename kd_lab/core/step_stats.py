@@ -95,6 +95,7 @@ def non_finite_message(role: str, epoch: int, step: int, bad: list[tuple[str, fl
     """The one sentence of a non-finite loss: where, which terms, and the recipe to change (the student's
     ``optim.*``, or the teacher's own ``teacher.optim.*`` while the teacher store trains it)."""
     terms = f"term(s) {[b[0] for b in bad]} = {[b[1] for b in bad]}"
+    epoch += 1  # ``epoch`` is Lightning's, from 0; users read epochs from 1 (docs/reliability.md)
     if role == "student":
         return (
             f"non-finite loss at epoch {epoch}, step {step}: {terms}. Lower the learning rate "

@@ -8,10 +8,12 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar as ProgressBarBase
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lab.errors import KDLabError
+from kd_lab.run.callbacks import ProgressBar
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"  # kd_lab/conf: the configs ship inside the package
 
@@ -52,6 +54,8 @@ def build_trainer(
     if spec.get("enable_progress_bar") is None:  # a bar in a terminal, compact epoch lines otherwise
         spec["enable_progress_bar"] = sys.stderr.isatty()
     spec.update(overrides)
+    if spec.get("enable_progress_bar") and not any(isinstance(c, ProgressBarBase) for c in callbacks):
+        callbacks = [*callbacks, ProgressBar()]  # kd-lab's bar: epochs counted from 1, log lines printed above it
     return instantiate(spec, callbacks=callbacks, logger=loggers)
 
 

@@ -33,7 +33,7 @@ NOT_A_SETTING = (
     "hydra.",
     "trainer.enable_progress_bar",
     "perf.",  # speed switches leave the math alone (kd_lab.run.perf)
-    "data.serve",  # how batches reach the model (conf/data/_serving.yaml)
+    "data.serve",  # how batches reach the model (conf/_data_serving.yaml)
     "data.device_max_mb",
     "data.num_workers",
     "data.pin_memory",
@@ -173,7 +173,8 @@ def summarize(files: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, 
         row["param_ratio"] = p["student"] / p["teacher"] if p.get("teacher") else None
         row["student_params"] = p.get("student")  # the x axis of the accuracy-against-size plot
         row["others"] = other_models(runs)
-        row["wall_s"] = statistics.fmean(r["wall_seconds"] for r in runs)
+        # the student's own time: a run that trained the teacher first spent longer, but not on this method
+        row["wall_s"] = statistics.fmean(r.get("student_seconds", r["wall_seconds"]) for r in runs)
         row["seeds"] = len(runs)  # distinct seeds: repeats of one seed are dropped above
         row["repeats_dropped"] = sum(dropped.values())
         row["repeats_note"] = (
