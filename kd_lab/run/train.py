@@ -319,6 +319,13 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")  # kd_lab/conf
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    """Hydra's task function: ``run_job``. It only forwards: joblib's workers receive it by value (the module
+    attribute ``main`` is Hydra's wrapper, not this function), without the names bound later in this module's
+    globals; ``run_job`` is found by reference and runs with them."""
+    return run_job(cfg)
+
+
+def run_job(cfg: DictConfig) -> float | None:
     """One job. A KDLabError is one message on stderr and exit status 1, except in a multirun, which goes on
     and reports its failed jobs at the end (kd_lab/run/outcome.py); SIGINT/SIGTERM exit with 130/143. A
     mistake found before any compute leaves no run directory (``discard_unstarted_run``)."""
