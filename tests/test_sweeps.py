@@ -3,11 +3,13 @@ executor (the SLURM launcher's code path), and the W&B sweep file. Subprocesses 
 
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from helpers import TINY, run_kd_lab
+from helpers import TINY, run_kd_lab, subprocess_env
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -46,6 +48,19 @@ def test_joblib_runs_jobs_in_parallel_processes_and_records_failures(tmp_path):
         (10, "finished"),
     ]
     assert "KDLabError" in next(r["error"] for r in runs if r["status"] == "failed")
+
+
+@pytest.mark.slow
+def test_the_console_script_runs_a_parallel_sweep(tmp_path):
+    """``kd-lab -m ... hydra/launcher=parallel`` through the installed console script: joblib's workers get
+    the task function by value there (``python -m`` runs the module as ``__main__`` instead)."""
+    script = Path(sys.executable).with_name("kd-lab")
+    env = subprocess_env(tmp_path)
+    cmd = [str(script), "-m", "hydra/launcher=parallel", "debug=fdr", *TINY, "seed=0,1"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "2 of 2 jobs finished" in out.stderr
+    assert [r["status"] for r in job_results(the_sweep(tmp_path))] == ["finished", "finished"]
 
 
 # twelve overrides, each 30+ characters as Hydra writes it into override_dirname (floats print short:

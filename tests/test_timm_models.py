@@ -1,17 +1,25 @@
 """timm models as teachers and students (kd_lab/models/timm.py, conf/student/timm.yaml, conf/teacher/timm.yaml).
 
-timm imports torchvision, which this project's test machines do not have, so most tests use a stand-in
-``timm`` module: ``create_model`` over one small CNN, with timm's ``feature_info`` and ``global_pool``. They
-test the wrapper: what it asks timm for, the local weights, the errors, a distillation step. The tests at
-the end use timm itself and skip when it cannot be imported."""
+Most tests use a stand-in ``timm`` module: ``create_model`` over one small CNN, with timm's ``feature_info``
+and ``global_pool``. They test the wrapper: what it asks timm for, the local weights, the errors, a
+distillation step. The tests at the end use timm itself (the ``real_timm`` fixture). timm imports
+torchvision, which cannot be installed on this project's test machines, so CI installs timm with
+``--no-deps`` (.ci/run) and the fixture puts a test-only torchvision stand-in in its place
+(tests/torchvision_stand_in.py)."""
 
+import contextlib
+import importlib
+import importlib.util
+import re
 import sys
 import types
+from collections.abc import Iterator
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from torchvision_stand_in import NOT_HERE, FrozenBatchNorm2d, modules
 
 import kd_lab.models.timm as timm_wrapper
 from kd_lab.errors import KDLabError
@@ -160,21 +168,146 @@ def test_a_timm_teacher_with_feature_taps(make_cfg, fake_timm, tmp_path):
     assert objects["run"].algorithm.teacher_taps == ["layer1"]  # stage 2 // 2 = 1 of ["conv", "layer1"]
 
 
-# -- timm itself: skipped where it cannot be imported (not installed, or installed without torchvision) ------
-def test_real_timm_resnet_weights_round_trip(tmp_path):
-    pytest.importorskip("timm")
+# -- timm itself --------------------------------------------------------------------------------------------
+TIMM_INSTALL = "pip install --no-deps timm==1.0.31 (as .ci/run does; docs/extending.md)"
+
+
+def is_timm(name: str) -> bool:
+    return name == "timm" or name.startswith("timm.")
+
+
+@contextlib.contextmanager
+def timm_imported() -> Iterator[types.ModuleType]:
+    """The real ``timm``, imported with no hub access. Where torchvision cannot be imported, a test-only
+    stand-in (tests/torchvision_stand_in.py) is in ``sys.modules`` inside this block only: timm's imports need
+    torchvision, its models do not. The timm modules imported over the stand-in leave with it, so nothing
+    after the block gets a timm wired to the stand-in."""
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip(f"timm is not installed: {TIMM_INSTALL}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read when the hub is imported
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            stand_in = True
+            for name, module in modules().items():
+                patch.setitem(sys.modules, name, module)
+        else:
+            stand_in = False
+        before = {name for name in sys.modules if is_timm(name)}
+        try:
+            yield importlib.import_module("timm")  # an ImportError fails the test: the stand-in lacks a name
+        finally:
+            if stand_in:
+                for name in [name for name in sys.modules if is_timm(name) and name not in before]:
+                    del sys.modules[name]
+
+
+@pytest.fixture
+def real_timm() -> Iterator[types.ModuleType]:
+    """timm itself for one test (``timm_imported``): the stand-in, if used, is gone after the test."""
+    with timm_imported() as timm:
+        yield timm
+
+
+def test_timm_over_the_stand_in_leaves_with_it():
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torchvision is installed: timm_imported uses it, not the stand-in")
+    with timm_imported() as timm:
+        assert sys.modules["torchvision.ops.misc"].FrozenBatchNorm2d is FrozenBatchNorm2d
+        assert timm.layers.create_norm.FrozenBatchNorm2d is FrozenBatchNorm2d  # what timm's norm layers build
+    assert not any(name == "torchvision" or name.startswith("torchvision.") for name in sys.modules)
+    assert "timm.layers.create_norm" not in sys.modules
+
+
+ARCHS = [  # (arch, extra timm kwargs, input shape, weights file suffix, last stage, embedding tap)
+    ("resnet18", {}, (2, 1, 8, 8), ".pt", "layer4", "global_pool"),
+    ("vit_tiny_patch16_224", {"img_size": 32}, (2, 1, 32, 32), ".safetensors", "blocks.11", None),
+]
+
+
+@pytest.mark.parametrize(("arch", "kwargs", "shape", "suffix", "last_stage", "embedding"), ARCHS)
+def test_real_timm_weights_round_trip(real_timm, tmp_path, arch, kwargs, shape, suffix, last_stage, embedding):
     torch.manual_seed(0)
-    saved = timm_model("resnet10t", num_classes=10, in_chans=1)
-    torch.save(saved.state_dict(), tmp_path / "r.pt")
-    loaded = timm_model("resnet10t", num_classes=10, in_chans=1, weights=str(tmp_path / "r.pt"))
-    saved.eval(), loaded.eval()
-    x = torch.randn(2, 1, 8, 8)
+    saved = timm_model(arch, num_classes=10, in_chans=1, **kwargs).eval()
+    path = tmp_path / f"{arch}{suffix}"
+    if suffix == ".pt":
+        torch.save(saved.state_dict(), path)
+    else:
+        save_file(saved.state_dict(), str(path))
+    x = torch.randn(*shape)
+    fresh = timm_model(arch, num_classes=10, in_chans=1, **kwargs).eval()
+    assert not torch.allclose(fresh(x), saved(x))  # another random init: the load below changes something
+    loaded = timm_model(arch, num_classes=10, in_chans=1, weights=str(path), **kwargs).eval()
+    assert saved(x).shape == (shape[0], 10)
     assert torch.equal(loaded(x), saved(x))
-    assert loaded.embedding_tap == "global_pool" and loaded.stage_taps[-1] == "layer4"
+    assert loaded.stage_taps[-1] == last_stage
+    assert getattr(loaded, "embedding_tap", None) == embedding  # a ViT pools by a string setting, not a module
 
 
-def test_real_timm_student_distills_one_step(make_cfg):
-    pytest.importorskip("timm")
-    results, _ = train(make_cfg(*DIGITS, "teacher=cnn2d_large", "student=timm"))
+def test_real_timm_unknown_name_suggests_the_nearest(real_timm):
+    with pytest.raises(KDLabError, match=r"timm has no model named 'resnet81'; did you mean \[.*'resnet18'"):
+        timm_model("resnet81", num_classes=10, in_chans=1)
+
+
+def test_real_timm_student_distills_one_step(make_cfg, real_timm):
+    cfg = make_cfg(*DIGITS, "teacher=cnn2d_large", "student=timm", "student.model.arch=resnet18")
+    results, objects = train(cfg)
     assert results["status"] == "finished"
-    assert results["names"]["student"] == "timm-resnet10t"
+    assert results["names"]["student"] == "timm-resnet18"
+    assert type(objects["run"].student).__module__ == "timm.models.resnet"
+
+
+# -- the torchvision stand-in itself ---------------------------------------------------------------------------
+def randomize_batch_norms(model: nn.Module) -> None:
+    """Statistics and affine parameters away from their init (mean 0, var 1, weight 1 or 0), so a wrong
+    frozen norm shows."""
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+            for t in (norm.weight, norm.bias, norm.running_mean):
+                t.normal_()
+            norm.running_var.uniform_(0.5, 2.0)
+
+
+def test_stand_in_frozen_batch_norm_is_batch_norm_in_eval():
+    torch.manual_seed(0)
+    norm = nn.BatchNorm2d(3, eps=1e-3)
+    randomize_batch_norms(norm)
+    frozen = FrozenBatchNorm2d(3, eps=1e-3)
+    frozen.load_state_dict(norm.state_dict())  # strict: num_batches_tracked is dropped, as torchvision does
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(frozen(x), norm.eval()(x))
+    assert list(frozen.parameters()) == []  # all buffers: nothing for an optimizer to move
+
+
+def test_timm_freezes_batch_norm_with_the_stand_in(real_timm):
+    """timm's freeze_batch_norm_2d swaps each BatchNorm2d for torchvision's FrozenBatchNorm2d (the
+    stand-in's here): the model's eval output must not change."""
+    torch.manual_seed(0)
+    model = timm_model("resnet18", num_classes=10, in_chans=1).eval()
+    randomize_batch_norms(model)
+    x = torch.randn(2, 1, 8, 8)
+    expected = model(x)
+    frozen = real_timm.layers.freeze_batch_norm_2d(model)
+    frozen_type = importlib.import_module("torchvision.ops.misc").FrozenBatchNorm2d
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    assert sum(isinstance(m, frozen_type) for m in frozen.modules()) == 20  # resnet18: 17 + 3 downsample norms
+    torch.testing.assert_close(frozen(x), expected)
+
+
+def test_stand_in_refuses_what_it_does_not_implement(monkeypatch):
+    stand_in = modules()
+    with pytest.raises(RuntimeError, match=r"torchvision.transforms.ToTensor is a placeholder .*real torchvision"):
+        stand_in["torchvision.transforms"].ToTensor()
+    with pytest.raises(AttributeError, match=re.escape(f"torchvision.transforms.Resize {NOT_HERE}")):
+        stand_in["torchvision.transforms"].Resize  # noqa: B018
+    for name, module in stand_in.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    # No torchvision.models: timm's import of FX feature extraction fails, and timm goes on without it.
+    with pytest.raises(ModuleNotFoundError, match=r"torchvision.models"):
+        importlib.import_module("torchvision.models.feature_extraction")
