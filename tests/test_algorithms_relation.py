@@ -170,6 +170,131 @@ def test_rkd_gradient_finite_with_duplicate_samples():
     assert torch.isfinite(s.grad).all()
 
 
+# The direct forms, as rkd.py computed them before the Gram form: the reference the Gram form must match.
+def _direct_distance_potentials(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    sq = e.pow(2).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * e @ e.t()).clamp(min=eps).sqrt()
+    d = d * (1 - torch.eye(len(e), dtype=e.dtype))
+    b = len(e)
+    return d / (d.sum() / (b * (b - 1)))
+
+
+def _direct_angle_potentials(e: torch.Tensor) -> torch.Tensor:
+    diff = F.normalize(e[None, :, :] - e[:, None, :], p=2, dim=2)  # (b, b, D) unit vectors from e_i to e_j
+    return diff @ diff.transpose(1, 2)
+
+
+def _defined(potentials: torch.Tensor) -> torch.Tensor:
+    """1 where an angle potential [i, j, k] is a cosine (j != i and k != i), 0 where it is 0 by definition."""
+    if potentials.dim() == 2:  # distances: the diagonal is 0 by definition
+        return 1 - torch.eye(len(potentials))
+    i = torch.arange(len(potentials))
+    return ((i[:, None, None] != i[None, :, None]) & (i[:, None, None] != i[None, None, :])).float()
+
+
+def _features(b: int, d: int, seed: int) -> torch.Tensor:
+    """Positive features with a common offset, as a network's penultimate features are (softplus, not ReLU:
+    at small d, ReLU rows are often all zero, and equal rows are tested on their own)."""
+    return F.softplus(torch.randn(b, d, generator=torch.Generator().manual_seed(seed)) + 0.3)
+
+
+@pytest.mark.parametrize(("b", "d", "d_t"), [(2, 3, 3), (5, 3, 6), (16, 40, 8), (33, 7, 64), (64, 256, 32)])
+def test_rkd_gram_form_matches_direct_form(b, d, d_t):
+    # float32 against the direct form: values within 1e-5 (~100 ulps of a cosine: both forms round); losses
+    # within 1e-5 relative; gradients within 1e-4 relative or 1e-5 of the largest one, where a potential's
+    # gradient counts as at least 0.01 large (at b=2 every cosine is 1 and its gradient rounding alone)
+    s = _features(b, d, seed=b).requires_grad_()
+    t = _features(b, d_t, seed=b + 1)
+    for new, old in (
+        (rkd_angle_potentials, _direct_angle_potentials),
+        (rkd_distance_potentials, _direct_distance_potentials),
+    ):
+        torch.testing.assert_close(new(s), old(s), rtol=0, atol=1e-5)
+        # a random weight per entry checks every entry's gradient, except the entries that are 0 by definition
+        # (j == i or k == i): the direct form's gradient there is its 1 / eps clamp (1e12), not a derivative
+        weights = torch.randn(new(s).shape, generator=torch.Generator().manual_seed(3)) * _defined(new(s))
+        (g_new,) = torch.autograd.grad((new(s) * weights).sum(), s)
+        (g_old,) = torch.autograd.grad((old(s) * weights).sum(), s)
+        torch.testing.assert_close(g_new, g_old, rtol=1e-4, atol=1e-5 * max(g_old.abs().max().item(), 0.01))
+    for loss, old in ((rkd_angle_loss, _direct_angle_potentials), (rkd_distance_loss, _direct_distance_potentials)):
+        expected = F.smooth_l1_loss(old(s), old(t))
+        torch.testing.assert_close(loss(s, t), expected, rtol=1e-5, atol=1e-9)
+        (g_new,) = torch.autograd.grad(loss(s, t), s)
+        (g_old,) = torch.autograd.grad(expected, s)
+        torch.testing.assert_close(g_new, g_old, rtol=1e-4, atol=1e-5 * g_old.abs().max().item() + 1e-10)
+
+
+def test_rkd_angle_potentials_gradcheck():
+    # every entry of the (b, b, b) tensor, float64, with one pair closer than the rest
+    e = torch.randn(5, 3, dtype=torch.double, generator=torch.Generator().manual_seed(0))
+    e[4] = e[0] + 0.05
+    assert torch.autograd.gradcheck(rkd_angle_potentials, (e.requires_grad_(),))
+    assert torch.autograd.gradcheck(rkd_distance_potentials, (e,))
+
+
+def test_rkd_gram_form_is_accurate_for_offset_and_close_embeddings():
+    # float32 against the direct form in float64, with a pair 1e-4 apart. The float64 Gram keeps the pair's
+    # distance exact: a float32 Gram gave cosines of 3e8. Centering keeps a common offset out of the Gram: without
+    # it, at offset 1000 the rounding floor grew past the pair's distance, and its cosines became 0 (1.0 off).
+    e = _features(64, 32, seed=0)
+    e[1] = e[0] + 1e-4 * torch.randn(32, generator=torch.Generator().manual_seed(1))
+    for x in (e, e + 1000.0):
+        torch.testing.assert_close(
+            rkd_angle_potentials(x), _direct_angle_potentials(x.double()).float(), rtol=0, atol=5e-3
+        )
+        torch.testing.assert_close(
+            rkd_distance_potentials(x), _direct_distance_potentials(x.double()).float(), rtol=1e-4, atol=0
+        )
+
+
+@pytest.mark.parametrize(("b", "d"), [(16, 256), (64, 5), (7, 64)])
+def test_rkd_duplicate_samples_give_the_direct_forms_zeros(b, d):
+    # Identical rows make a zero difference vector: the direct form gives 0 for every entry that holds it,
+    # [i, j, j] included. The Gram's rounding may leave ~1e-14 for such a pair (it does at these shapes with
+    # this CPU's BLAS); without the rounding floor that became a cosine of any size.
+    e = _features(b, d, seed=b * 1000 + d)
+    e[b - 1] = e[0]
+    a = rkd_angle_potentials(e)
+    torch.testing.assert_close(a, _direct_angle_potentials(e), rtol=0, atol=1e-5)
+    assert a[0, b - 1].abs().max().item() == 0.0 and a[b - 1, 0].abs().max().item() == 0.0
+    assert a[0, 1, 1].item() == pytest.approx(1.0, abs=1e-6)  # a distinct pair: the unit vector's square
+    # a coincident pair contributes no gradient (the direct form's is its 1 / eps = 1e12 clamp, a side effect)
+    s = e.clone().requires_grad_()
+    (g,) = torch.autograd.grad(rkd_angle_loss(s, _features(b, 4, seed=7)), s)
+    assert torch.isfinite(g).all() and g.abs().max().item() < 1.0
+
+
+def test_rkd_gram_form_in_half_precision_and_under_autocast():
+    # the cosines are computed in float32 at least: a bf16 embedding gives float32 potentials, and autocast
+    # (which runs float32 products in bf16, ~3 digits) does not reach them
+    e = _features(32, 16, seed=0)
+    half = e.bfloat16()
+    assert rkd_angle_potentials(half).dtype == torch.float32
+    torch.testing.assert_close(rkd_angle_potentials(half), _direct_angle_potentials(half.float()), rtol=0, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, d = rkd_angle_potentials(e), rkd_distance_potentials(e)
+    torch.testing.assert_close(a, _direct_angle_potentials(e), rtol=0, atol=1e-5)
+    torch.testing.assert_close(d, _direct_distance_potentials(e), rtol=1e-5, atol=0)
+
+
+def test_bench_relation_losses_script_runs_both_forms(capsys):
+    # scripts/bench_relation_losses.py at a tiny size: both forms run, agree, and the ratio is printed
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_relation_losses.py"
+    spec = importlib.util.spec_from_file_location("bench_relation_losses", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    rows = module.main(["--batch", "8", "--dims", "16", "4", "--reps", "1", "--threads", "1"])
+    assert torch.get_num_threads() == threads
+    assert [r["dim"] for r in rows] == [16, 4]
+    assert all(r["direct_s"] > 0 and r["gram_s"] > 0 and r["grad_diff"] <= 1e-5 * r["grad_max"] for r in rows)
+    out = capsys.readouterr().out
+    assert "direct/gram" in out and len(out.strip().splitlines()) == 4
+
+
 # -- PKT ---------------------------------------------------------------------------------------------------
 def test_pkt_hand_computed():
     # student cos = 0 -> kernel [[1, 1/2], [1/2, 1]] -> rows [2/3, 1/3]; teacher cos = 1 -> rows [1/2, 1/2].

@@ -8,9 +8,13 @@ here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$PWD/logs/mnist1d_survey}
 export OMP_NUM_THREADS=1
 # every offline method but the ones that need other data (cross_modal), belong
-# to other schemes (below), or are a benchmark's variant of another (crd_kd: crd plus the kd term)
+# to other schemes (below), are a benchmark's variant of another
+# (crd_kd: crd plus the kd term), or distill language models (token_kd)
 algorithms=$(cd "$here/../../kd_lab/conf/algorithm" && ls *.yaml | sed 's/\.yaml$//' |
-  grep -vxE 'cross_modal|codistillation|byot|crd_kd' | paste -sd, -)
+  grep -vxE 'cross_modal|codistillation|byot|crd_kd|token_kd' | paste -sd, -)
+# The second stream takes the algorithms in reverse order: both students share the teacher's view store
+# (perf.view_store), and a stream that reaches a (method, seed) second reads what the first one stored.
+reversed=$(echo "$algorithms" | tr , '\n' | tac | paste -sd, -)
 
 run() {  # sweep name, student, overrides...
   local name=$1 student=$2; shift 2
@@ -32,7 +36,7 @@ rm -rf "$out/warmup"
   run codistillation cnn1d_tiny scheme=online algorithm=codistillation algorithm.peers=2,3
 ) &
 (
-  run cnn1d_tiny cnn1d_tiny "algorithm=$algorithms"
+  run cnn1d_tiny cnn1d_tiny "algorithm=$reversed"
   run cnn1d_tiny-xmodal cnn1d_tiny data=mnist1d_xmodal algorithm=none,cross_modal
   run self cnn1d_tiny scheme=self algorithm=byot
   run born_again cnn1d_tiny chain=born_again  # chains (conf/chain): earlier stages teach the run's kd
