@@ -27,4 +27,5 @@ def test_bench_cifar_path_runs_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert set(report["variants"]) == {"a", "b", "c", "d", "c_kd", "e", "v", "f", "a_dataloader"}
     assert report["args"]["precision"] == "32-true" and report["variants"]["b"]["train_images_per_s"] > 0
+    assert report["variants"]["f"]["view_store"] == {"read": 1, "filled": 0, "live": 0}  # crop and flip views
     assert report["data"] == {"batch_size": 16, "steps_per_epoch": (80 - 8) // 16}  # 8 images for validation
