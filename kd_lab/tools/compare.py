@@ -42,7 +42,7 @@ NOT_A_SETTING = (
     "threads",  # likewise: the count the run used is the "threads" column (thread_count)
 )
 # config keys that name the method, not the conditions it ran under: a vanilla baseline may differ in them
-METHOD_KEYS = ("algorithm.", "scheme.", "teacher.", "chain.", "experiment_name")
+METHOD_KEYS = ("algorithm", "scheme", "teacher", "chain", "experiment_name")  # "teacher": also a null teacher
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -198,8 +198,9 @@ def gain(
 ) -> tuple[float | None, str | None]:
     """The row's gain over its vanilla student (algorithm none), and why there is none when there is none.
 
-    The baseline must share data, student, teacher (any teacher for a row without one: self-distillation),
-    the epoch budget, the thread count and every other config key but the method's own (``METHOD_KEYS``).
+    The baseline must share data, student, the epoch budget, the thread count and every other config key but
+    the method's own (``METHOD_KEYS``). A vanilla student never uses its teacher config: a vanilla row of the
+    same teacher is preferred, and any other fits rows taught by another model (a chain's stage, a cohort).
     A gain over a baseline of another budget measures the budget, not the method.
     """
     vanilla = [
@@ -208,7 +209,7 @@ def gain(
         if v["algorithm"] == "none" and (v["data"], v["student"]) == (row["data"], row["student"])
     ]
     same_teacher = [(v, c) for v, c in vanilla if v["teacher"] == row["teacher"]]
-    if same_teacher or row["teacher"] != "-":
+    if same_teacher:
         vanilla = same_teacher
     if not vanilla:
         return None, f"no vanilla run (algorithm none) of {row['student']} on {row['data']}"
