@@ -175,7 +175,7 @@ def test_guard_names_the_teachers_recipe():
     with pytest.raises(NonFiniteLossError) as err:
         guard.watch(0, 3, ("ce",), torch.tensor([math.nan, math.nan]), torch.tensor(math.nan))
     assert str(err.value) == (
-        "non-finite loss while training the teacher (the teacher store trains it before the student) at epoch 0, "
+        "non-finite loss while training the teacher (the teacher store trains it before the student) at epoch 1, "
         "step 3: term(s) ['ce'] = [nan]. The teacher's own recipe diverged: lower teacher.optim.optimizer.lr (or "
         "change teacher.optim.*; optim.* is the student's); no teacher-store entry was written."
     )

@@ -98,7 +98,10 @@ def _ask_viewer(endpoint: str, key: str, timeout: float, found: list) -> None:
         found.append(answer)
         return
     except Exception as e:  # refused, reset, timed out, bad TLS: no W&B answer
-        found.append(f"gave no W&B answer for {endpoint} ({brief(e, 100)})")
+        if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
+            found.append(f"did not answer {endpoint} within {timeout:g} s")  # as when the join gives up first
+        else:
+            found.append(f"gave no W&B answer for {endpoint} ({brief(e, 100)})")
         return
     try:
         reply = json.loads(body)
