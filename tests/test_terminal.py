@@ -291,6 +291,8 @@ def test_lightning_info_lines_stay_off_the_console_and_warnings_do_not():
     assert not keep(record("lightning.pytorch.utilities.rank_zero", logging.INFO))  # "GPU available: False ..."
     assert keep(record("lightning.pytorch.utilities.rank_zero", logging.WARNING))
     assert keep(record("kd_lab.run.callbacks", logging.INFO))  # kd-lab's epoch lines
+    assert not keep(record("matplotlib.font_manager", logging.INFO))  # "generated new fontManager"
+    assert keep(record("matplotlib.font_manager", logging.WARNING))
 
 
 def test_the_console_handler_of_a_run_has_the_filter_and_the_log_file_not():

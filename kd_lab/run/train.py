@@ -94,12 +94,14 @@ def __getattr__(name: str) -> Any:
 
 
 class ConsoleFilter(logging.Filter):
-    """Keeps Lightning's INFO records off the console (conf/hydra/job_logging/kd_lab.yaml); the log file has
-    them. Its warnings and errors, and every other logger's records, pass."""
+    """Keeps the INFO records of libraries off the console (conf/hydra/job_logging/kd_lab.yaml); the log file
+    has them. Lightning's tips and matplotlib's "generated new fontManager" buried kd-lab's lines. Warnings and
+    errors, and every other logger's records, pass."""
+
+    QUIET = ("lightning", "pytorch_lightning", "lightning_fabric", "matplotlib")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        lightning = record.name.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric")
-        return not lightning or record.levelno > logging.INFO
+        return record.name.split(".")[0] not in self.QUIET or record.levelno > logging.INFO
 
 
 def _test(trainer: L.Trainer, module, datamodule, ckpt_path: str | None, suffix: str) -> dict[str, float]:
