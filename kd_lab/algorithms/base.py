@@ -89,6 +89,9 @@ class Algorithm(nn.Module):
     # True: the algorithm writes the loss terms of the teachers that learn (a cohort of peers), from
     # ``live_teacher_logits``; otherwise the scheme adds its own teacher terms.
     trains_teachers: bool = False
+    # True: the algorithm replaces the real training inputs with its own (data-free distillation, through
+    # ``training_batch``). Stored or cached teacher outputs of the real inputs then do not apply.
+    synthesizes_inputs: bool = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -122,6 +125,11 @@ class Algorithm(nn.Module):
     def report(self, student: nn.Module, example: Tensor) -> dict:
         """What ``results.json`` should record about the algorithm's own parts (e.g. each exit's cost)."""
         return {}
+
+    def training_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The batch a training step sees. The default is the data's own batch. A data-free method returns
+        synthetic inputs of the same batch size instead (and sets ``synthesizes_inputs = True``)."""
+        return batch
 
     def on_epoch_start(self, epoch: int, max_epochs: int) -> None:
         """Called at the start of every training epoch (warm-ups, schedules of loss weights)."""

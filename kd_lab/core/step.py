@@ -161,6 +161,7 @@ class DistillationStep:
     def outputs(self, batch: dict[str, Tensor], with_teacher: bool = True, view: int | None = None) -> StepOutputs:
         """Every model's forward on ``batch``, recorded as the algorithm asked. ``view``: the batch's index in
         its training epoch, where a view store may hold the teachers' outputs (None: compute them)."""
+        batch = self.algorithm.training_batch(batch)  # data-free methods swap in synthetic inputs here
         out = StepOutputs(logits=None, batch=batch, task=self.task)  # type: ignore[arg-type]
         if with_teacher and self.teachers:
             self._teacher_outputs(out, batch, view)

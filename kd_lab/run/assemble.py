@@ -90,6 +90,11 @@ def build_step(
     student_key = datamodule.teacher_input_key if trains_a_teacher else "input"
     cache = None
     if plan.cache_teacher and teachers and algorithm.needs_teacher:
+        if algorithm.synthesizes_inputs:
+            raise KDLabError(
+                f"perf.cache_teacher=true caches the teacher on the training data, but algorithm={algorithm.name} "
+                "trains on synthetic inputs; set perf.cache_teacher=false."
+            )
         check_cacheable(datamodule, scheme.trains_teacher)
         inputs = datamodule.splits["train"][datamodule.teacher_input_key]
         cache = TeacherCache(inputs, datamodule.eval_batch_size)

@@ -81,6 +81,8 @@ def refusal(datamodule, scheme, algorithm, teachers: list[nn.Module], cache_teac
     """Why a view store cannot serve this run exactly, or None when it can."""
     if not teachers or not algorithm.needs_teacher:
         return "the run has no teacher to store"
+    if algorithm.synthesizes_inputs:
+        return f"algorithm={algorithm.name} trains on synthetic inputs, not on the data's views"
     if scheme.trains_teacher:
         return f"scheme={scheme.name} trains the teacher, so its outputs change every step; use scheme=offline"
     if cache_teacher:
