@@ -47,6 +47,18 @@ def test_dkd_warmup_shorter_than_the_run_is_fine(make_cfg):
     assert warnings_of(make_cfg("algorithm=dkd", "algorithm.warmup_epochs=0", "trainer.max_epochs=2")) == []
 
 
+def test_ab_initialization_as_long_as_the_run(make_cfg):
+    """AB's initialization stage trains its transfer term alone: as long as the run, no task loss ever."""
+    one_warning(
+        make_cfg("algorithm=ab", "trainer.max_epochs=10"),
+        "algorithm.init_epochs=10 with trainer.max_epochs=10",
+        "never trains on the task's loss",
+        "algorithm.joint=true",
+    )
+    assert warnings_of(make_cfg("algorithm=ab", "trainer.max_epochs=11")) == []
+    assert warnings_of(make_cfg("algorithm=ab", "algorithm.joint=true", "trainer.max_epochs=10")) == []
+
+
 def test_learning_rate_warmup_as_long_as_the_run(make_cfg):
     one_warning(
         make_cfg("optim.scheduler.warmup_epochs=2"),

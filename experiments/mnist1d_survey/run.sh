@@ -7,11 +7,14 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$PWD/logs/mnist1d_survey}
 export OMP_NUM_THREADS=1
-# every offline method but the ones that need other data (cross_modal), belong
+# every offline method but the ones that need other data (cross_modal, glnn), belong
 # to other schemes (below), are a benchmark's variant of another
-# (crd_kd: crd plus the kd term), or distill language models (token_kd)
+# (crd_kd: crd plus the kd term), or distill language models (token_kd);
+# and the families with tables of their own: experiments/mnist1d_methods (ab, irg,
+# Tf-KD, rocket, one) and experiments/data_free (dafl, zskt, deep_inversion)
+own_tables='ab|irg|tf_kd_reg|tf_kd_self|rocket|one|dafl|zskt|deep_inversion|glnn'
 algorithms=$(cd "$here/../../kd_lab/conf/algorithm" && ls *.yaml | sed 's/\.yaml$//' |
-  grep -vxE 'cross_modal|codistillation|byot|crd_kd|token_kd' | paste -sd, -)
+  grep -vxE "cross_modal|codistillation|byot|crd_kd|token_kd|$own_tables" | paste -sd, -)
 # The second stream takes the algorithms in reverse order: both students share the teacher's view store
 # (perf.view_store), and a stream that reaches a (method, seed) second reads what the first one stored.
 reversed=$(echo "$algorithms" | tr , '\n' | tac | paste -sd, -)

@@ -73,6 +73,7 @@ class BuildContext:
     all_teacher_shapes: list[dict[str, torch.Size]] = field(default_factory=list)  # one dict per teacher
     input_key: str = "input"  # the batch key the student reads
     teacher_input_key: str = "input"  # the batch key the teachers read
+    input_shape: tuple[int, ...] = ()  # one student input without the batch axis (a generator's output shape)
 
     @property
     def paired_inputs(self) -> bool:

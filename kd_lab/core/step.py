@@ -96,6 +96,7 @@ class DistillationStep:
                 all_teacher_shapes=teacher_shapes,
                 input_key=input_key,
                 teacher_input_key=teacher_input_key,
+                input_shape=tuple(example_input.shape[1:]),
             ),
         )
         # Other models evaluated next to the student, each under its own prefix (<name>/val/acc):

@@ -65,6 +65,8 @@ def build_run(cfg: DictConfig, datamodule: TensorDataModule, scheme: Scheme | No
     teachers = fresh_teachers(cfg) if scheme.teacher_source == "fresh" else store_teachers(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the student's init, whatever came before
     student = build_model(cfg.student.model)
+    if cfg.get("quantize"):  # quantize=uniform: quantized weights in every forward (kd_lab/models/quantized.py)
+        student = build(cfg.quantize).apply(student, f"student={cfg.student.name}")
     algorithm = build(cfg.algorithm)
     plan = perf_plan(cfg)
     views = Path(cfg.paths.teacher_store) / "views" if cfg.get("paths") and cfg.paths.get("teacher_store") else None
@@ -87,6 +89,9 @@ def build_step(
     """``trains_a_teacher``: the model being trained is a teacher, so it reads the teacher's modality.
     ``view_root``: where teacher view stores live (``perf.view_store``); None: no store."""
     datamodule.setup()  # loads and checks the data once (a no-op when loaded)
+    for model in (student, *teachers):  # a graph model takes its graph from the data (kd_lab/models/gnn.py)
+        if hasattr(model, "bind_data"):
+            model.bind_data(datamodule)
     student_key = datamodule.teacher_input_key if trains_a_teacher else "input"
     cache = None
     if plan.cache_teacher and teachers and algorithm.needs_teacher:

@@ -101,6 +101,13 @@ def user_error(e: BaseException) -> KDLabError | None:
     return None
 
 
+def error_record(e: BaseException) -> str:
+    """How results.json records ``e``: the KDLabError behind a wrapper (Hydra's ``InstantiationException`` of a
+    model that refused to build), so a sweep's report line shows the reason, not the wrapper."""
+    cause = user_error(e) or e
+    return f"{type(cause).__name__}: {cause}"
+
+
 def _recorded(run_dir: str | Path, e: BaseException) -> Path | None:
     """``<run_dir>/results.json`` if it records ``e`` (train() writes it for every failure after it started)."""
     path = Path(run_dir) / "results.json"
@@ -108,7 +115,7 @@ def _recorded(run_dir: str | Path, e: BaseException) -> Path | None:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return path if results.get("error") == f"{type(e).__name__}: {e}" else None
+    return path if results.get("error") == error_record(e) else None
 
 
 def exit_on_user_error(e: Exception, run_dir: str | Path, discarded: bool = False) -> None:

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd_lab.errors import KDLabError, brief
 from kd_lab.run.outcome import (
     discard_unstarted_run,
+    error_record,
     exit_on_interrupt,
     exit_on_user_error,
     interrupt_handlers,
@@ -179,6 +180,10 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
         }
         if teacher is not None:
             results["params"]["compression"] = results["params"]["teacher"] / results["params"]["student"]
+        if getattr(run.student, "latency", None):  # a student that timed its forward at build (models/search_space.py)
+            results["latency"] = run.student.latency
+        if cfg.get("quantize"):  # bits, bucket size and packed bytes next to the fp32 bytes (models/quantized.py)
+            results["quantize"] = importlib.import_module("kd_lab.models.quantized").size_report(run.student)
         results["world_size"] = trainer.world_size
         results["task"] = {"name": run.task.name, "monitor": module.monitor, "headline": f"test/{run.task.headline}"}
 
@@ -211,7 +216,7 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
         return results, {"trainer": trainer, "module": module, "datamodule": datamodule, "teacher": teacher, "run": run}
     except BaseException as e:
         results["status"] = "failed"
-        results["error"] = f"{type(e).__name__}: {e}"
+        results["error"] = error_record(e)
         results["traceback"] = traceback.format_exc()
         results.update(interrupted_record(e, run_dir))  # SIGINT/SIGTERM: status interrupted, the resume= command
         raise

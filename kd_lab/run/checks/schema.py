@@ -32,7 +32,7 @@ from kd_lab.run.checks.settings import check_settings
 from kd_lab.run.checks.signatures import EMPTY, Signature, fits, signature_of, type_name
 
 # nodes that kd_lab.run.builders.build() instantiates: it drops META_KEYS (name, extra_teachers, ...) first
-BUILT_WITHOUT_META = {"data", "task", "algorithm", "scheme", "perf", "student.model", "teacher.model"}
+BUILT_WITHOUT_META = {"data", "task", "algorithm", "scheme", "perf", "quantize", "student.model", "teacher.model"}
 BUILT_WITHOUT_META |= {f"{o}.{part}" for o in ("optim", "teacher.optim") for part in ("optimizer", "scheduler")}
 MAX_LISTED = 12
 

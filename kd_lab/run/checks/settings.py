@@ -29,9 +29,10 @@ def check_settings(tree: dict[str, Any]) -> list[str]:
     checked for the refusals: it is not meant to finish its schedules."""
     _refuse_zero_loss(tree)
     _refuse_chain_without_teacher(tree)
+    _refuse_quantized_chain(tree)
     if (tree.get("trainer") or {}).get("fast_dev_run"):
         return []
-    found = [*_warmup(tree), *_schedules(tree), *_assistants(tree)]
+    found = [*_warmup(tree), *_initialization(tree), *_schedules(tree), *_assistants(tree)]
     for message in found:
         log.warning(message)
     return found
@@ -86,6 +87,17 @@ def _refuse_chain_without_teacher(tree: dict[str, Any]) -> None:
     )
 
 
+def _refuse_quantized_chain(tree: dict[str, Any]) -> None:
+    """A chain's earlier stages become plain teachers; a quantized stage's state dict does not load into one."""
+    quantize = (tree.get("quantize") or {}).get("name")
+    if tree.get("chain") and quantize not in (None, "none"):
+        raise KDLabError(
+            f"quantize={quantize} with chain={tree['chain'].get('name')}: every stage would train a quantized "
+            "student, and an earlier stage's weights then teach as a plain fp32 model, which is not what was "
+            "trained; drop the chain (chain=null) or set quantize=none."
+        )
+
+
 # -- warnings ------------------------------------------------------------------------------------------
 def _warmup(tree: dict[str, Any]) -> list[str]:
     """A loss-weight warm-up (DKD's ``warmup_epochs``) as long as the run: w = min(1, (epoch + 1) / W)."""
@@ -103,6 +115,19 @@ def _warmup(tree: dict[str, Any]) -> list[str]:
         f"terms is as long as the run, so they {reach}. Set algorithm.warmup_epochs below {epochs} "
         f"(about max_epochs / 12: algorithm.warmup_epochs={epochs // 12}; 0 disables the warm-up), "
         f"or train longer."
+    ]
+
+
+def _initialization(tree: dict[str, Any]) -> list[str]:
+    """An initialization stage (AB's ``init_epochs``) as long as the run: the task loss never trains."""
+    algorithm = tree.get("algorithm") or {}
+    init, epochs = algorithm.get("init_epochs"), _epochs(tree.get("trainer"))
+    if not isinstance(init, int) or not epochs or init < epochs or algorithm.get("joint"):
+        return []
+    return [
+        f"algorithm.init_epochs={init} with trainer.max_epochs={epochs}: {algorithm.get('name')}'s initialization "
+        "stage (its transfer term alone) lasts the whole run, so the student never trains on the task's loss. "
+        f"Set algorithm.init_epochs below {epochs} (e.g. {max(1, epochs // 8)}), or algorithm.joint=true."
     ]
 
 
