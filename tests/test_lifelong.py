@@ -209,7 +209,7 @@ def test_bad_config_fails_before_any_compute(lifelong_cfg, monkeypatch, override
 def test_the_shipped_config_checks():
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         settings = check_config(compose("lifelong"))
-    assert (settings.method, settings.lambda_o, settings.temperature) == ("lwf", 1.0, 2.0)
+    assert (settings.method, settings.lambda_o, settings.temperature) == ("lwf", 0.25, 2.0)
     assert settings.tasks == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
 
 
