@@ -168,7 +168,8 @@ def test_a_chain_under_another_scheme_than_offline(make_cfg, on_disk, chain, sch
     on_disk()
 
 
-LM_MARKS = ("data.vocab_size", "kd_lab.data.text", "- text\n")  # options that only text data can resolve
+LM_MARKS = ("data.vocab_size", "kd_lab.data.text", "- text\n", "task.prompt_length")  # options only LM runs resolve
+GLUE_MARKS = ("GLUEDataModule", "sequence_classifier", "data.metrics")  # options that only GLUE data can resolve
 
 
 @pytest.mark.slow
@@ -178,6 +179,13 @@ def test_every_shipped_option_passes_the_schema(tmp_path):
     Experiments set keys of the groups they pick, so each is composed on its own."""
     options = {g: group_options(g) for g in GROUPS}  # "_name.yaml" files (conf/data/_serving.yaml) are parts
     experiments = [[f"experiment={name}"] for name in options.pop("experiment")]
+    # GLUE options read keys that only GLUE data has (data.max_length, data.metrics): composed with GLUE data
+    glue_only = {
+        g: [n for n in names if any(k in (Path(CONFIG_DIR) / g / f"{n}.yaml").read_text() for k in GLUE_MARKS)]
+        for g, names in options.items()
+    }
+    experiments += [["experiment=glue_sst2", f"{g}={n}"] for g, names in glue_only.items() for n in names]
+    options = {g: [n for n in names if n not in glue_only[g]] for g, names in options.items()}
     # language-model options read keys that only text data has (data.vocab_size): composed with text data
     text_only = {
         g: [n for n in names if any(k in (Path(CONFIG_DIR) / g / f"{n}.yaml").read_text() for k in LM_MARKS)]

@@ -48,7 +48,13 @@ LM_ALGORITHMS = sorted(name for name, cls in CLASSES.items() if LM in cls.task_k
 OTHER_ALGORITHMS = sorted(name for name, cls in CLASSES.items() if LM not in cls.task_kinds)
 LM_PAIRS = [(name, scheme) for name in LM_ALGORITHMS for scheme in sorted(CLASSES[name].schemes)]
 # what an algorithm needs on an LM beyond its defaults (its default extra teachers are classifiers)
-LM_SETTINGS = {"multi_teacher": ["algorithm.extra_teachers=[gpt2_teacher]"]}
+LM_SETTINGS = {
+    "multi_teacher": ["algorithm.extra_teachers=[gpt2_teacher]"],
+    # its cosine term compares last hidden states: the student takes the teacher's width (LM_TINY: 32)
+    "distilbert": ["student.model.hidden_size=32"],
+    # the same width, and two layers: PKD-skip maps every student layer but the last
+    "pkd": ["student.model.hidden_size=32", "student.model.num_layers=2", "teacher.model.num_layers=2"],
+}
 
 
 def lm_cfg(make_cfg, *overrides: str):

@@ -17,7 +17,7 @@ from kd_lab.core.bounds import NonNegative, Positive
 class KD(Algorithm):
     name = "kd"
     schemes = frozenset({"offline", "online"})
-    task_kinds = frozenset({"classification", "language_modeling"})
+    task_kinds = frozenset({"classification", "language_modeling", "sequence_classification"})
 
     def __init__(self, ce_weight: NonNegative = 0.1, kd_weight: NonNegative = 0.9, temperature: Positive = 4.0):
         super().__init__(ce_weight)

@@ -8,7 +8,7 @@ from kd_lab.algorithms.base import Algorithm, StepOutputs
 class NoDistillation(Algorithm):
     name = "none"
     schemes = frozenset({"offline"})
-    task_kinds = frozenset({"classification", "language_modeling"})
+    task_kinds = frozenset({"classification", "language_modeling", "sequence_classification"})
     needs_teacher = False
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:

@@ -13,6 +13,8 @@
 ce_weight 0 or small (GKD uses only the divergence; DistilBERT 2.0 MLM CE against 5.0 soft targets).
 ``chunk_size`` walks the tokens in chunks (kd_lab/losses/chunked.py): no full-vocabulary float32 copy of both
 distributions for all tokens at once; None computes it in one piece.
+Teacher logits from a top-k store (perf.view_store_topk, docs/lm-topk-store.md) use the sparse form of the
+same divergence (kd_lab/losses/sparse.py): the k stored ids plus one tail bucket; chunk_size is then unused.
 """
 
 from torch import Tensor
@@ -21,6 +23,7 @@ from kd_lab.algorithms.base import Algorithm, StepOutputs
 from kd_lab.core.bounds import AtLeastOne, BelowOne, NonNegative, Positive, UnitInterval
 from kd_lab.errors import KDLabError
 from kd_lab.losses.divergences import KINDS, token_divergence
+from kd_lab.losses.sparse import sparse_token_divergence, support_of
 
 
 class TokenKD(Algorithm):
@@ -48,6 +51,19 @@ class TokenKD(Algorithm):
         terms = self.ce_term(out)
         task = out.task
         mask = task.valid_positions(out.batch).flatten()
+        support = support_of(out.teacher_logits)
+        if support is not None:  # teacher logits from a top-k store: the divergence on its k ids + one tail bucket
+            total = sparse_token_divergence(
+                out.logits.flatten(0, -2),
+                support.flat(),
+                self.divergence,
+                mask=mask,
+                temperature=self.temperature,
+                beta=self.beta,
+                alpha=self.alpha,
+            )
+            terms[self.divergence] = self.kd_weight * total / task.token_normalizer(out.batch)
+            return terms
         total = token_divergence(
             out.logits.flatten(0, -2),
             out.teacher_logits.flatten(0, -2),

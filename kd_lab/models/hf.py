@@ -1,4 +1,5 @@
-"""Hugging Face transformers as kd-lab models: GPT-2 and Llama causal LMs, BERT masked LMs.
+"""Hugging Face transformers as kd-lab models: GPT-2 and Llama causal LMs, BERT masked LMs, and BERT or GPT-2
+sequence classifiers (``sequence_classifier``).
 
 Each builder is a Hydra ``_target_`` and returns the ``PreTrainedModel`` itself. Its forward returns a
 ``ModelOutput`` whose ``.logits`` (``(B, T, vocab)``) kd-lab's output adapter reads.
@@ -26,7 +27,9 @@ try:
         AutoModelForMaskedLM,
         BertConfig,
         BertForMaskedLM,
+        BertForSequenceClassification,
         GPT2Config,
+        GPT2ForSequenceClassification,
         GPT2LMHeadModel,
         LlamaConfig,
         LlamaForCausalLM,
@@ -135,6 +138,84 @@ def masked_lm(
     )
 
 
+class _MaskPadding:
+    """Builds the attention mask from the pad token: kd-lab calls a model with the token ids only."""
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, **kwargs: Any):
+        if attention_mask is None and input_ids is not None:
+            attention_mask = (input_ids != self.config.pad_token_id).long()
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+class BertSequenceClassifier(_MaskPadding, BertForSequenceClassification):
+    """BERT with its pooler ([CLS] state, dense + tanh) and a linear head; padding is masked out."""
+
+
+class GPT2SequenceClassifier(_MaskPadding, GPT2ForSequenceClassification):
+    """GPT-2 with a linear head on the last non-pad token's state; padding is masked out."""
+
+
+SEQUENCE_CLASSIFIERS = {"bert": BertSequenceClassifier, "gpt2": GPT2SequenceClassifier}
+
+
+def sequence_classifier(
+    arch: str = "bert",
+    num_labels: int = 2,
+    vocab_size: int | None = None,
+    max_positions: int | None = None,
+    hidden_size: int | None = None,
+    num_layers: int | None = None,
+    num_heads: int | None = None,
+    intermediate_size: int | None = None,
+    dropout: float = 0.1,
+    pad_token_id: int = 0,
+    pretrained: str | None = None,
+    **extra: Any,
+) -> PreTrainedModel:
+    """A BERT (``arch="bert"``) or GPT-2 (``arch="gpt2"``) sequence classifier of ``num_labels`` classes.
+
+    Module paths are those of the LMs (``bert.encoder.layer.<i>``, ``transformer.h.<i>``), so block taps
+    work unchanged. ``pad_token_id`` must be the data's pad id (the BPE's is 0): the attention mask is built
+    from it. ``pretrained``: a local ``save_pretrained`` directory of the same architecture (a masked or
+    causal LM too: its encoder is loaded and a fresh head added); the size arguments are then ignored.
+    """
+    if arch not in SEQUENCE_CLASSIFIERS:
+        raise KDLabError(f"sequence_classifier: unknown arch {arch!r}; use one of {sorted(SEQUENCE_CLASSIFIERS)}")
+    cls = SEQUENCE_CLASSIFIERS[arch]
+    if pretrained is not None:
+        return _load(cls, pretrained, vocab_size, num_labels=num_labels, pad_token_id=pad_token_id)
+    sizes = _sizes(vocab_size, max_positions, hidden_size, num_layers, num_heads)
+    inner = intermediate_size or 4 * sizes["hidden_size"]
+    if arch == "gpt2":
+        config = {"n_positions": sizes["max_positions"], "n_embd": sizes["hidden_size"], "n_inner": inner}
+        config |= {"n_layer": sizes["num_layers"], "n_head": sizes["num_heads"], "bos_token_id": None}
+        config |= {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout, "eos_token_id": None}
+        return _build(
+            cls,
+            GPT2Config,
+            vocab_size=sizes["vocab_size"],
+            num_labels=num_labels,
+            pad_token_id=pad_token_id,
+            **config,
+            **extra,
+        )
+    return _build(
+        cls,
+        BertConfig,
+        vocab_size=sizes["vocab_size"],
+        max_position_embeddings=sizes["max_positions"],
+        hidden_size=sizes["hidden_size"],
+        num_hidden_layers=sizes["num_layers"],
+        num_attention_heads=sizes["num_heads"],
+        intermediate_size=inner,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        num_labels=num_labels,
+        pad_token_id=pad_token_id,
+        **extra,
+    )
+
+
 def max_positions(model: PreTrainedModel) -> int:
     """The longest sequence the model accepts (GPT-2 calls it ``n_positions``, the others
     ``max_position_embeddings``)."""
@@ -183,7 +264,7 @@ def _build(cls: type[PreTrainedModel], config_cls: type, **config: Any) -> PreTr
     return cls(config_cls(**config, attn_implementation=ATTENTION))
 
 
-def _load(auto, pretrained: str, vocab: int | None) -> PreTrainedModel:
+def _load(auto, pretrained: str, vocab: int | None, **config: Any) -> PreTrainedModel:
     path = Path(pretrained).expanduser()
     if not path.exists() and _looks_local(pretrained):
         raise KDLabError(
@@ -192,7 +273,7 @@ def _load(auto, pretrained: str, vocab: int | None) -> PreTrainedModel:
         )
     source = str(path) if path.exists() else pretrained
     try:
-        model = auto.from_pretrained(source, attn_implementation=ATTENTION)
+        model = auto.from_pretrained(source, attn_implementation=ATTENTION, **config)
     except OSError as e:
         raise KDLabError(
             f"pretrained={pretrained!r} could not be loaded ({str(e).splitlines()[0]}). Give a local directory "
@@ -204,7 +285,9 @@ def _load(auto, pretrained: str, vocab: int | None) -> PreTrainedModel:
             f"pretrained={pretrained!r} has vocab_size={model.config.vocab_size}, but vocab_size={vocab} was "
             "asked for. Drop vocab_size or use a tokenizer and data with the model's vocabulary."
         )
-    return model
+    # from_pretrained returns eval mode; a fresh build is in train mode, and Lightning keeps each module's mode,
+    # so a loaded student would otherwise train without dropout.
+    return model.train()
 
 
 def _looks_local(name: str) -> bool:

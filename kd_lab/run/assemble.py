@@ -26,7 +26,7 @@ from kd_lab.run.checkpoints import load_weights
 from kd_lab.run.module import DistillationModule
 from kd_lab.run.perf import PerfPlan
 from kd_lab.run.teacher_cache import TeacherCache, check_cacheable
-from kd_lab.run.view_store import ViewStore, describe, refusal, tensor_digest
+from kd_lab.run.view_store import ViewStore, describe, refusal, tensor_digest, token_store_for
 from kd_lab.schemes.base import Scheme
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,8 @@ def build_step(
     for model in (student, *teachers):  # a graph model takes its graph from the data (kd_lab/models/gnn.py)
         if hasattr(model, "bind_data"):
             model.bind_data(datamodule)
+    if hasattr(algorithm, "bind_data"):  # sequence-level KD takes its prompts from the training blocks
+        algorithm.bind_data(datamodule)
     student_key = datamodule.teacher_input_key if trains_a_teacher else "input"
     cache = None
     if plan.cache_teacher and teachers and algorithm.needs_teacher:
@@ -124,7 +126,12 @@ def build_step(
         datamodule=datamodule,
     )
     if view_root is not None and plan.view_store:
-        step.view_store = view_store_for(step, datamodule, scheme, plan, view_root)
+        # causal LM top-k: one store per sample, read like the teacher cache (docs/lm-topk-store.md)
+        token_store = token_store_for(step, datamodule, scheme, plan, view_root)
+        if token_store is not None:
+            step.teacher_cache = token_store
+        else:
+            step.view_store = view_store_for(step, datamodule, scheme, plan, view_root)
     if plan.compile:  # after the probes: compiling is lazy, the first training step pays for it
         for model in models:
             model.compile(backend=plan.compile_backend)

@@ -9,6 +9,9 @@ run's algorithm is the method of every stage.
 * ``chain=born_again`` (Furlanello et al., ICML 2018, "Born-Again Neural Networks",
   https://arxiv.org/abs/1805.04770): generation 0 is the student's architecture trained on the labels;
   generation k teaches generation k + 1 of the same architecture.
+* ``chain=tinybert`` (``carry: student``, Jiao et al. 2020, https://arxiv.org/abs/1909.10351): the teacher
+  stays; each stage's student starts the next stage, and ``chain.stages`` / ``chain.last`` set the algorithm
+  of each stage (TinyBERT: intermediate layers, then predictions). See ``_student_stages``.
 
 Each stage is a complete kd-lab run (``train``, handed in by the caller) of the run's algorithm, whose
 student, at its best-validation weights, becomes the next stage's frozen teacher. The last stage is the run
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd_lab.errors import KDLabError
@@ -98,6 +102,8 @@ def resolve_chain(
             f"chain={cfg.chain.name} chains models that read the same input; paired "
             "(cross-modal) data has two. Use a single-modality data config."
         )
+    if cfg.chain.get("carry") == "student":  # TinyBERT: the teacher stays, the student passes on
+        return _student_stages(cfg, train)
     stages = plan(cfg)
     if cfg.chain.get("assistants") is not None:
         teacher = cfg.teacher
@@ -130,3 +136,64 @@ def resolve_chain(
         infos.append({"stage": name, "reused": reused, "path": str(entry), "key": key, **meta})
         teacher, parent = _as_teacher(cfg, student, str(entry / "teacher.pt")), key
     return replace_nodes(cfg, teacher=teacher), infos
+
+
+def _student_stages(
+    cfg: DictConfig, train: Callable[[DictConfig], tuple[dict, dict]]
+) -> tuple[DictConfig, list[dict[str, Any]]]:
+    """A chain whose stages distil the run's teacher into one student (``carry: student``, TinyBERT's two
+    stages): ``chain.stages`` are the algorithm settings of each earlier stage, ``chain.last`` those of the
+    run. Each stage starts from the student the stage before it saved (``save_pretrained``, loaded through
+    ``student.model.pretrained``), so only Hugging Face students carry."""
+    c = cfg.chain
+    settings = [to_dict(s) for s in c.get("stages") or []] + [to_dict(c.get("last") or {})]
+    if len(settings) < 2:
+        raise KDLabError(f"chain={c.name}: chain.stages is empty; list the algorithm settings of each earlier stage.")
+    unknown = sorted({k for s in settings for k in s if k not in cfg.algorithm})
+    if unknown:
+        raise KDLabError(
+            f"chain={c.name} sets algorithm.{unknown[0]} in its stages, which algorithm={cfg.algorithm.name} does "
+            f"not have: use the algorithm the chain is made for (e.g. chain=tinybert with algorithm=tinybert)."
+        )
+    if "pretrained" not in cfg.student.model:
+        raise KDLabError(
+            f"chain={c.name} carries the student's weights from stage to stage with save_pretrained, but "
+            f"student={cfg.student.name} is not a Hugging Face model (no student.model.pretrained): use one from "
+            "kd_lab.models.hf (e.g. student=gpt2_student)."
+        )
+    parent = cfg.teacher.ckpt_path if cfg.teacher.get("ckpt_path") else teacher_key(cfg)
+    student, infos = cfg.student, []
+    for i, overrides in enumerate(settings[:-1], start=1):
+        name = f"stage{i}-{cfg.student.name}"
+        algorithm = OmegaConf.merge(cfg.algorithm, overrides)
+        stage = replace_nodes(cfg, algorithm=algorithm, student=student, logger=None, ckpt_path=None, chain=None)
+        key = stage_key(parent, stage)
+        entry = Path(cfg.paths.teacher_store) / f"{c.name}-{name}-{key}"
+
+        def run_stage(staging: Path, stage: DictConfig = stage, name: str = name, sets: dict = overrides) -> dict:
+            log.info("Chain stage %s: training it (%s %s)", name, stage.algorithm.name, sets)
+            with open_dict(stage):
+                stage.paths.output_dir = str(staging)
+            results, objs = train(stage)
+            student = objs["module"].student
+            # The stage's last weights, not its best-validation ones: an intermediate stage does not train the
+            # predictions, so the run's monitored metric does not measure what it distils (TinyBERT carries the
+            # end of stage 1). Without a checkpoint (fast_dev_run) the module holds the last weights already.
+            last = staging / "checkpoints" / "last.ckpt"
+            if last.is_file():
+                state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+                own = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+                student.load_state_dict(own)
+            if global_rank() == 0:  # the next stage loads student/ as its student; the store checks teacher.pt
+                student.save_pretrained(staging / "student")
+                atomic_torch_save(student.state_dict(), staging / "teacher.pt")
+                shutil.rmtree(staging / "checkpoints", ignore_errors=True)
+            return {"metrics": results["best"], "last": results["last"], "stage": name, "seed": results["seed"]}
+
+        meta, reused = cached_entry(entry, run_stage)
+        if reused:
+            log.info("Chain stage %s: reusing %s (%s)", name, entry, headline(meta["metrics"]))
+        infos.append({"stage": name, "reused": reused, "path": str(entry), "key": key, **meta})
+        student = OmegaConf.merge(student, {"model": {"pretrained": str(entry / "student")}})
+        parent = key
+    return replace_nodes(cfg, algorithm=OmegaConf.merge(cfg.algorithm, settings[-1]), student=student), infos

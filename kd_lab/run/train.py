@@ -150,10 +150,14 @@ def train(cfg: DictConfig, resume_from: str | None = None) -> tuple[dict[str, An
         # Built once, with untrained store teachers: a tap, shape or output mismatch fails here, before the
         # store trains a teacher; the teachers receive their weights below, in place.
         run = build_run(cfg, datamodule, scheme)
+        # student.init_from_teacher: checked now, before the store trains a teacher; applied once it has weights
+        init_plan = importlib.import_module("kd_lab.models.init_from_teacher").plan_from_config(cfg, run)
         generators = rng_states()  # the fit starts from the state of this build, whatever the teacher costs
         results["stage"] = "teacher"
         teacher_start = time.perf_counter()
         results["teacher"] = teacher_info(cfg, run)
+        if init_plan is not None:  # before the student's first step: which teacher layers it starts from
+            results["init_from_teacher"] = init_plan.apply()
         if run.teachers and run.scheme.teacher_source != "fresh":  # loaded, reused or trained before the fit
             results["teacher_seconds"] = time.perf_counter() - teacher_start
         set_rng_states(generators)

@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from kd_lab.errors import KDLabError
+from kd_lab.losses.sparse import TopkSupport, attach_support
 from kd_lab.utils.io import atomic_write_json, move_into_place
 
 log = logging.getLogger(__name__)
@@ -196,7 +197,9 @@ class ViewStore:
         for i in range(len(self.teachers)):
             if self.topk:
                 values, index, fill = (self._read[f"t{i}.topk_{k}"][batch_idx] for k in ("values", "index", "fill"))
-                logits.append(expand_topk(values.to(device), index.to(device), fill.to(device), self._classes[i]))
+                values, index, fill = values.to(device), index.to(device), fill.to(device)
+                dense = expand_topk(values, index, fill, self._classes[i])
+                logits.append(attach_support(dense, TopkSupport(values, index, fill, self._classes[i])))
             else:
                 logits.append(self._read[f"t{i}.logits"][batch_idx].to(device))
             prefix = f"t{i}.feat."
@@ -227,7 +230,9 @@ class ViewStore:
         """What every run of this store sees for live logits: themselves, or their top-k reconstruction."""
         if not self.topk:
             return logits
-        return expand_topk(*compress_topk(logits.detach(), self.topk), logits.shape[-1]).to(logits.dtype)
+        values, index, fill = compress_topk(logits.detach(), self.topk)
+        dense = expand_topk(values, index, fill, logits.shape[-1]).to(logits.dtype)
+        return attach_support(dense, TopkSupport(values, index, fill, logits.shape[-1]))
 
     def record(self, batch_idx: int, logits: list[Tensor], features: list[dict[str, Tensor]]) -> None:
         if self.mode == "fill":
@@ -404,3 +409,242 @@ class ViewStoreHooks(L.Callback):
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
         self.store.close()
+
+
+# -- the per-token top-k store of language models -------------------------------------------------------------
+# Causal LM data without augmentation give the teacher the same input blocks every epoch and in every seed:
+# only their order changes. So the teacher's outputs are a function of the training sample alone, and a
+# store per (epoch, batch) would write the same numbers once per epoch in another order. This store is laid
+# out per sample instead: one pass of the teacher over the training split, in fixed order, read by each
+# batch's sample ``index`` in every epoch, every seed and every training batch size.
+TOKEN_KEY_VERSION = 1
+_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.float32, torch.int16, torch.int32)}
+
+
+def index_dtype(classes: int) -> torch.dtype:
+    """The dtype compress_topk stores vocabulary ids in: int16 up to 32767 ids, int32 above."""
+    return torch.int16 if classes <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def token_bytes(k: int, classes: int) -> int:
+    """Bytes one token position takes in the top-k store: k fp16 values, k ids, one float32 fill logit."""
+    return k * 2 + k * torch.tensor([], dtype=index_dtype(classes)).element_size() + 4
+
+
+def check_topk(k: int | None, step, scheme) -> None:
+    """Refuse, before any compute, a top-k store that cannot be built: k over the vocabulary, a learning teacher."""
+    if k is None or not step.teachers or not step.algorithm.needs_teacher:
+        return
+    for i, shape in enumerate(step.teacher_logit_shapes):
+        if k > shape[-1]:
+            raise KDLabError(
+                f"perf.view_store_topk={k} is larger than teacher {i}'s {shape[-1]} classes (its vocabulary); set "
+                f"perf.view_store_topk to at most {shape[-1]} (8 to 128 is usual for a language model), or null "
+                "to store dense logits."
+            )
+    if scheme.trains_teacher:
+        raise KDLabError(
+            f"perf.view_store_topk={k} stores a frozen teacher's top-k logits, but scheme={scheme.name} trains the "
+            "teacher, so its outputs change every step; use scheme=offline, or set perf.view_store_topk=null."
+        )
+
+
+def token_store_for(step, datamodule, scheme, plan, root: Path) -> "TokenTopkStore | None":
+    """The per-sample top-k store where it is exact (see above), or None: then the per-epoch ViewStore decides."""
+    from kd_lab.core.step import teacher_role  # here: kd_lab.core must not import the run layer at load time
+
+    k = plan.view_store_topk
+    check_topk(k, step, scheme)
+    if k is None or not getattr(datamodule, "teacher_outputs_per_sample", False):
+        return None
+    if refusal(datamodule, scheme, step.algorithm, step.teachers, plan.cache_teacher) is not None:
+        return None  # view_store_for logs or raises the reason
+    if any(r.paths for r in step.teacher_recorders):
+        return None  # tapped teacher features: the per-epoch store keeps them with the logits
+    train = datamodule.splits["train"]
+    inputs = train[step.teacher_input_key]
+    per_token = sum(token_bytes(k, shape[-1]) for shape in step.teacher_logit_shapes)
+    total_mb = inputs.numel() * per_token / 2**20
+    if total_mb > plan.view_store_max_mb:
+        if plan.view_store is True:
+            raise KDLabError(
+                f"perf.view_store=true, but the top-{k} token store would take {total_mb:.0f} MiB, more than "
+                f"perf.view_store_max_mb={plan.view_store_max_mb:g}; lower perf.view_store_topk or raise the limit."
+            )
+        log.info("teacher token store off: %.0f MiB > perf.view_store_max_mb", total_mb)
+        return None
+    fixed_key = {
+        "data": {
+            "type": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
+            "train": tensor_digest(train),  # the token ids: the tokenizer, block size and split are in them
+            "tokenizer": getattr(getattr(datamodule, "tokenizer", None), "fingerprint", None),
+        },
+        "fill_batch_size": datamodule.eval_batch_size,
+        "format": f"top{k}",
+        "channels_last": plan.channels_last,
+        "teacher_inputs": step.teacher_input_key,
+    }
+    valid = step.task.valid_positions(train) if "target" in train else None
+    return TokenTopkStore(
+        root,
+        fixed_key,
+        inputs,
+        valid,
+        k,
+        datamodule.eval_batch_size,
+        lambda output, i: step.logits(output, teacher_role(i)),
+    )
+
+
+class TokenTopkStore:
+    """Every teacher's top-k logits for every training token, on disk, memory-mapped, read by sample index.
+
+    It has the interface of ``TeacherCache`` (``filled``, ``fill``, ``lookup``), so the step reads it as it
+    reads the in-memory cache. ``fill`` runs at the first training step, after the teacher store gave the
+    teachers their weights. It maps the store's files when they exist; else it takes the lock, runs the
+    teachers over the training split, writes the files atomically and maps them. A run that finds the lock
+    held by a live process computes the same numbers in memory and writes nothing.
+
+    Positions that no loss reads (``valid`` false: target -100) hold a marker instead of the teacher's
+    numbers: values 0, ids 0..k-1, fill 0, which rebuild to all-zero logits.
+    """
+
+    _try_lock = ViewStore._try_lock  # the same lock files as the per-epoch store
+    _release = ViewStore._release
+
+    def __init__(self, root, fixed_key, inputs, valid, k, batch_size, to_logits):
+        self.root, self.fixed_key, self.inputs, self.valid = Path(root), fixed_key, inputs, valid
+        self.k, self.batch_size, self.to_logits = k, batch_size, to_logits
+        self.directory: Path | None = None
+        self.tensors: list[dict[str, Tensor]] = []  # per teacher: values, index, fill (memory-mapped)
+        self.classes: list[int] = []
+        self._lock: Path | None = None
+        self.stats = {"read": 0, "filled": 0, "live": 0}
+
+    @property
+    def filled(self) -> bool:
+        return bool(self.tensors)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for d in self.tensors for t in d.values())
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.nbytes / max(self.inputs.numel(), 1)
+
+    def _key(self, teachers: list[nn.Module], device: torch.device) -> dict:
+        autocast = torch.is_autocast_enabled(device.type)
+        return {
+            **self.fixed_key,
+            "version": TOKEN_KEY_VERSION,
+            "teachers": [tensor_digest(t.state_dict()) for t in teachers],
+            "device_type": device.type,
+            "autocast": str(torch.get_autocast_dtype(device.type)) if autocast else None,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        }
+
+    @torch.no_grad()
+    def fill(self, teachers: list[nn.Module], recorders, device: torch.device) -> None:
+        if any(t.training for t in teachers):
+            raise KDLabError("the teacher token store needs teachers in eval mode (a frozen, offline teacher).")
+        key = self._key(teachers, device)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.directory = self.root / f"tokens-{digest}"
+        if self._map(self.directory, len(teachers)):
+            self.stats["read"] += 1
+        elif self._try_lock(self.root / f"tokens-{digest}.lock"):
+            try:
+                computed = self._compute(teachers, device)
+                self._write(computed, key)
+            finally:
+                self._release()
+            if not self._map(self.directory, len(teachers)):  # a failed write: serve what was computed
+                self.tensors = computed
+            self.stats["filled"] += 1
+        else:
+            self.tensors = self._compute(teachers, device)
+            self.stats["live"] += 1
+        self.classes = [int(d["classes"]) for d in self.tensors]
+        log.info(
+            "teacher token store: %s (%s), top-%d, %d tokens, %.1f bytes per token, %.2f MiB",
+            self.directory,
+            next(k for k, v in self.stats.items() if v),
+            self.k,
+            self.inputs.numel(),
+            self.bytes_per_token,
+            self.nbytes / 2**20,
+        )
+
+    def _compute(self, teachers: list[nn.Module], device: torch.device) -> list[dict[str, Tensor]]:
+        out = []
+        for i, teacher in enumerate(teachers):
+            parts: dict[str, list[Tensor]] = {"values": [], "index": [], "fill": []}
+            classes = 0
+            for start in range(0, len(self.inputs), self.batch_size):
+                logits = self.to_logits(teacher(self.inputs[start : start + self.batch_size].to(device)), i)
+                classes = logits.shape[-1]
+                values, index, fill = (t.cpu() for t in compress_topk(logits, self.k))
+                if self.valid is not None:  # the marker at positions no loss reads
+                    skip = ~self.valid[start : start + self.batch_size].cpu()
+                    values[skip] = 0
+                    index[skip] = torch.arange(values.shape[-1], dtype=index.dtype)
+                    fill[skip] = 0
+                for name, t in zip(parts, (values, index, fill), strict=True):
+                    parts[name].append(t)
+            tensors = {name: torch.cat(ts) for name, ts in parts.items()}
+            tensors["classes"] = torch.tensor([classes], dtype=torch.int32)
+            out.append(tensors)
+        return out
+
+    def _write(self, tensors: list[dict[str, Tensor]], key: dict) -> None:
+        """Raw little-endian files and a meta.json, in a temporary directory renamed when complete."""
+        tmp = self.root / f".{self.directory.name}.{os.getpid()}.tmp"
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            meta = {}
+            for i, d in enumerate(tensors):
+                for name, t in d.items():
+                    t.contiguous().numpy().tofile(tmp / f"t{i}.{name}.bin")
+                    meta[f"t{i}.{name}"] = [str(t.dtype).removeprefix("torch."), list(t.shape)]
+            atomic_write_json(meta, tmp / "meta.json")
+            atomic_write_json(key, tmp / "key.json")
+            os.rename(tmp, self.directory)
+        except OSError as e:  # a full disk, or another process renamed first: nothing half-written stays
+            log.warning("teacher token store: could not write %s (%s); later runs compute it again.", self.directory, e)
+        finally:
+            if tmp.exists():
+                for f in tmp.iterdir():
+                    f.unlink()
+                tmp.rmdir()
+
+    def _map(self, directory: Path, n_teachers: int) -> bool:
+        """Memory-map the store's files (copy-on-write: the files are never changed); False when absent."""
+        try:
+            meta = json.loads((directory / "meta.json").read_text())
+            self.tensors = []
+            for i in range(n_teachers):
+                d = {}
+                for name in ("values", "index", "fill", "classes"):
+                    dtype, shape = meta[f"t{i}.{name}"]
+                    n = int(torch.Size(shape).numel())
+                    path = str(directory / f"t{i}.{name}.bin")
+                    d[name] = torch.from_file(path, shared=False, size=n, dtype=_DTYPES[dtype]).reshape(shape)
+                self.tensors.append(d)
+        except (OSError, KeyError, ValueError, RuntimeError):
+            self.tensors = []
+            return False
+        return True
+
+    def lookup(self, index: Tensor) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+        """Each teacher's logits for the samples ``index``, rebuilt dense and marked with their top-k support."""
+        device = index.device
+        rows = index.cpu()  # the files are mapped in host memory
+        logits = []
+        for d, classes in zip(self.tensors, self.classes, strict=True):
+            values, ids, fill = (d[name].index_select(0, rows).to(device) for name in ("values", "index", "fill"))
+            dense = expand_topk(values, ids, fill, classes)
+            logits.append(attach_support(dense, TopkSupport(values, ids, fill, classes)))
+        return logits, [{} for _ in self.tensors]

@@ -152,6 +152,15 @@ class TextDataModule(TensorDataModule):
         generator = torch.Generator().manual_seed(self.split_seed * 1000 + EVAL_MASK_SEEDS[split])
         return self.masker()(batch, generator)
 
+    @property
+    def teacher_outputs_per_sample(self) -> bool:
+        """Whether a frozen teacher's outputs depend on the training sample alone, not on the epoch or seed.
+
+        True for causal data without augmentation: every epoch feeds the same blocks, only in another order.
+        The teacher top-k token store (kd_lab.run.view_store.TokenTopkStore) then keeps one copy per sample.
+        Masked data draw new masks every epoch, so their store stays per (epoch, batch)."""
+        return self.objective == "causal" and self.augment is None
+
     # -- what results should record ----------------------------------------------------------------------------
     @property
     def corpus_info(self) -> dict[str, Any]:

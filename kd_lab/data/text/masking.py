@@ -21,6 +21,8 @@ def check_mask_prob(mask_prob: float) -> None:
 
 
 class MaskTokens:
+    views_from_generator = True  # every draw comes from the loader's generator (kd_lab.run.view_store)
+
     def __init__(
         self,
         mask_id: int,

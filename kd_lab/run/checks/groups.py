@@ -23,6 +23,8 @@ class StudentGroup:
 
     name: str
     model: dict[str, Any]
+    # null, "every_other", a list of teacher layers, or {layers: ...}: kd_lab/models/init_from_teacher.py
+    init_from_teacher: Any = None
 
 
 @dataclass
