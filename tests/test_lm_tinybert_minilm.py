@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from omegaconf import open_dict
+from test_lm import FDR, assert_lm_metrics
 from transformers import GPT2LMHeadModel
 
 from kd_lab.algorithms.attention_capture import AttentionCapture, head_relation, relation_kl, self_relation
@@ -21,7 +22,6 @@ from kd_lab.models.hf import causal_lm, masked_lm, sequence_classifier
 from kd_lab.models.mlp import MLP
 from kd_lab.run.builders import build_model
 from kd_lab.run.train import train
-from tests.test_lm import FDR, assert_lm_metrics
 
 V, T = 300, 10
 
