@@ -11,6 +11,7 @@ from kd_lab.algorithms.cross_modal import CrossModal
 from kd_lab.algorithms.data_free import DAFL, ZSKT, DeepInversion
 from kd_lab.algorithms.distilbert import DistilBERT
 from kd_lab.algorithms.dkd import DKD
+from kd_lab.algorithms.early_exit import EarlyExit
 from kd_lab.algorithms.fitnet import FitNet
 from kd_lab.algorithms.gkd import GKD
 from kd_lab.algorithms.glnn import GLNN
@@ -55,6 +56,7 @@ __all__ = [
     "CrossModal",
     "DeepInversion",
     "DistilBERT",
+    "EarlyExit",
     "FitNet",
     "MiniLM",
     "MiniLMv2",

@@ -50,6 +50,13 @@ class StepOutputs:
             raise KDLabError("StepOutputs has no task: build it with task=<a kd_lab.core.tasks.Task>.")
         return self.task.label_loss(self.logits if logits is None else logits, self.batch)
 
+    def positions(self) -> tuple[Tensor | None, Tensor | int]:
+        """The output positions that count and what a sum over them is divided by. A token task gives its
+        mask of valid tokens and its normalizer; a task with one output per sample gives (None, batch size)."""
+        mask = self.task.valid_positions(self.batch)
+        count = self.task.token_normalizer(self.batch)
+        return mask, (self.logits.shape[0] if count is None else count)
+
 
 @dataclass(frozen=True)
 class Adversary:

@@ -1,5 +1,7 @@
 """DistilBERT's triple loss (Sanh, Debut, Chaumond, Wolf 2019, arXiv:1910.01108), and its causal form
-(DistilGPT2) on a causal task.
+(DistilGPT2) on a causal task. On ``task=sequence_classification`` it is the paper's task-specific
+distillation: the soft targets are the class logits, the label loss is CE, the cosine term the last hidden
+states of the real (non-pad) tokens.
 
     loss = alpha_ce * T^2 * KL(p_T^T || p_S^T)       soft targets, summed over tokens / tokens counted
          + alpha_mlm * CE(s, y)                      the task's label loss: MLM CE, or CLM CE on a causal task
@@ -55,7 +57,7 @@ def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | N
 class DistilBERT(Algorithm):
     name = "distilbert"
     schemes = frozenset({"offline"})
-    task_kinds = frozenset({"language_modeling"})
+    task_kinds = frozenset({"language_modeling", "sequence_classification"})
 
     def __init__(
         self,
@@ -74,9 +76,11 @@ class DistilBERT(Algorithm):
         self.alpha_ce, self.alpha_cos, self.temperature = alpha_ce, alpha_cos, temperature
         self.kd_positions = kd_positions
         self.paths = ("", "")
+        self.pad_token_id: int | None = None
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
         self.paths = (last_hidden_path(student, "student"), last_hidden_path(teacher, "teacher"))
+        self.pad_token_id = getattr(getattr(student, "config", None), "pad_token_id", None)
 
     @property
     def student_taps(self) -> list[str]:
@@ -99,11 +103,10 @@ class DistilBERT(Algorithm):
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         terms = self.ce_term(out)
-        task = out.task
         if self.kd_positions == "valid":
-            mask, count = task.valid_positions(out.batch), task.token_normalizer(out.batch)
+            mask, count = out.positions()
         else:
-            mask, count = None, out.logits.shape[0] * out.logits.shape[1]
+            mask, count = None, out.logits[..., 0].numel()  # every output position: tokens, or samples
         if self.alpha_ce:
             kl = token_divergence(
                 out.logits.flatten(0, -2),
@@ -116,5 +119,12 @@ class DistilBERT(Algorithm):
         if self.alpha_cos:
             student_hidden = out.features[self.paths[0]]
             teacher_hidden = out.teacher_features[self.paths[1]].detach()
-            terms["cos"] = self.alpha_cos * cosine_loss(student_hidden, teacher_hidden, mask)
+            terms["cos"] = self.alpha_cos * cosine_loss(student_hidden, teacher_hidden, self._hidden_mask(out, mask))
         return terms
+
+    def _hidden_mask(self, out: StepOutputs, mask: Tensor | None) -> Tensor | None:
+        """The tokens whose hidden states count. A token task's outputs are its tokens; a classifier has one
+        output per sequence, so its real tokens are the non-pad ones."""
+        if out.logits.dim() == 3 or self.pad_token_id is None:
+            return mask
+        return out.batch["input"] != self.pad_token_id

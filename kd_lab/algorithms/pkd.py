@@ -11,6 +11,8 @@ the last student layer is left out, because the prediction distils it). It is a 
 ``token``: BERT uses [CLS], the first token. A causal model's first token sees only itself, so ``auto`` takes
 the last token there: under causal attention it is the only position that has read the whole sequence.
 ``mean`` averages every position instead. The soft-target KL is on the task's valid tokens.
+On ``task=sequence_classification`` (the paper's GLUE setting) the KL is on the class logits, and ``auto``
+takes [CLS], the first token. A GPT-2 classifier's inputs are padded at the end, so there use ``mean``.
 """
 
 from collections.abc import Sequence
@@ -45,7 +47,7 @@ def patience_loss(student: Tensor, teacher: Tensor) -> Tensor:
 class PKD(Algorithm):
     name = "pkd"
     schemes = frozenset({"offline"})
-    task_kinds = frozenset({"language_modeling"})
+    task_kinds = frozenset({"language_modeling", "sequence_classification"})
 
     def __init__(
         self,
@@ -104,16 +106,16 @@ class PKD(Algorithm):
 
     def forward(self, out: StepOutputs) -> dict[str, Tensor]:
         terms = self.ce_term(out)
-        task = out.task
         if self.alpha:
+            mask, count = out.positions()
             kl = token_divergence(
                 out.logits.flatten(0, -2),
                 out.teacher_logits.flatten(0, -2),
                 "forward_kl",
-                mask=task.valid_positions(out.batch).flatten(),
+                mask=None if mask is None else mask.flatten(),
                 temperature=self.temperature,
             )
-            terms["kd"] = self.alpha * kl / task.token_normalizer(out.batch)
+            terms["kd"] = self.alpha * kl / count
         if self.beta:
             student = torch.stack([pick_token(out.features[p], self.token) for p in self.student_paths], dim=1)
             teacher = torch.stack([pick_token(out.teacher_features[p], self.token) for p in self.teacher_paths], 1)

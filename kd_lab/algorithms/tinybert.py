@@ -11,7 +11,8 @@ Stage 2, prediction-layer distillation:
              as the reference code).
 ``stage``: "intermediate" (stage 1), "prediction" (stage 2) or "both" (one run with every term).
 ``chain=tinybert`` runs stage 1, then the run itself as stage 2 starting from stage 1's student
-(conf/chain/tinybert.yaml, kd_lab/run/chain.py).
+(conf/chain/tinybert.yaml, kd_lab/run/chain.py). On ``task=sequence_classification`` (the paper's
+task-specific distillation) stage 2's soft cross-entropy is on the class logits, averaged over the batch.
 
 The reference code (huawei-noah/Pretrained-Language-Model, TinyBERT/) shares one projection for every layer,
 embeddings included; the paper writes W_e and W_h. Here each pair has its own, as the paper's notation reads.
@@ -52,7 +53,7 @@ def attention_mse(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor |
 class TinyBERT(Algorithm):
     name = "tinybert"
     schemes = frozenset({"offline"})
-    task_kinds = frozenset({"language_modeling"})
+    task_kinds = frozenset({"language_modeling", "sequence_classification"})
 
     def __init__(
         self,
@@ -132,11 +133,14 @@ class TinyBERT(Algorithm):
         if self.intermediate:
             terms.update(self._intermediate(out))
         if self.stage in ("prediction", "both") and self.prediction_weight:
-            mask = out.task.valid_positions(out.batch).flatten()
+            mask, count = out.positions()
             total = soft_cross_entropy(
-                out.logits.flatten(0, -2), out.teacher_logits.flatten(0, -2), mask, self.temperature
+                out.logits.flatten(0, -2),
+                out.teacher_logits.flatten(0, -2),
+                None if mask is None else mask.flatten(),
+                self.temperature,
             )
-            terms["prediction"] = self.prediction_weight * total / out.task.token_normalizer(out.batch)
+            terms["prediction"] = self.prediction_weight * total / count
         return terms
 
     def _intermediate(self, out: StepOutputs) -> dict[str, Tensor]:
