@@ -158,6 +158,19 @@ def test_speed_switches_and_data_serving_do_not_split_a_method(tmp_path):
     assert len(rows) == 1 and rows[0]["seeds"] == 2 and rows[0]["setting"] == "-"
 
 
+def test_a_group_seed_that_follows_the_run_seed_does_not_split_a_method(tmp_path):
+    """GKD's ``algorithm.seed: ${seed}`` resolves to each run's seed: the seeds are replicates of one row.
+    A group seed fixed apart from the run's seed is a setting."""
+    for seed in (0, 1):
+        write(tmp_path / f"gkd{seed}", "gkd", seed, 0.70)
+        edit(tmp_path / f"gkd{seed}", lambda results, seed=seed: results["config"]["algorithm"].update(seed=seed))
+    rows, _ = summarize(sorted(tmp_path.rglob("results.json")))
+    assert len(rows) == 1 and rows[0]["seeds"] == 2 and rows[0]["setting"] == "-"
+    edit(tmp_path / "gkd1", lambda results: results["config"]["algorithm"].update(seed=7))
+    rows, _ = summarize(sorted(tmp_path.rglob("results.json")))
+    assert len(rows) == 2 and "algorithm.seed=7" in {r["setting"] for r in rows}
+
+
 def age(run: Path, seconds_ago: float) -> None:
     """Set the modification time of a run's results.json: the rule for repeats keeps the newest."""
     stamp = time.time() - seconds_ago

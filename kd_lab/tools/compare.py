@@ -56,7 +56,20 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def setting(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     flat = flatten(config)
-    return tuple(sorted((k, v) for k, v in flat.items() if not k.startswith(NOT_A_SETTING)))
+    run_seed = json.dumps(config.get("seed"), sort_keys=True)
+    return tuple(
+        sorted(
+            (k, v)
+            for k, v in flat.items()
+            if not k.startswith(NOT_A_SETTING) and not follows_the_seed(k, v, run_seed)
+        )
+    )
+
+
+def follows_the_seed(key: str, value: str, run_seed: str) -> bool:
+    """A ``<group>.seed`` equal to the run's seed is the config's ``${seed}`` (GKD's draws, a sampler's):
+    a replicate, not another setting."""
+    return key.rsplit(".", 1)[-1] == "seed" and value == run_seed
 
 
 def conditions(chosen: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
