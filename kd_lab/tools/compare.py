@@ -59,9 +59,7 @@ def setting(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     run_seed = json.dumps(config.get("seed"), sort_keys=True)
     return tuple(
         sorted(
-            (k, v)
-            for k, v in flat.items()
-            if not k.startswith(NOT_A_SETTING) and not follows_the_seed(k, v, run_seed)
+            (k, v) for k, v in flat.items() if not k.startswith(NOT_A_SETTING) and not follows_the_seed(k, v, run_seed)
         )
     )
 
