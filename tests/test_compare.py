@@ -171,6 +171,15 @@ def test_a_group_seed_that_follows_the_run_seed_does_not_split_a_method(tmp_path
     assert len(rows) == 2 and "algorithm.seed=7" in {r["setting"] for r in rows}
 
 
+def test_a_fixed_group_seed_equal_to_one_run_seed_does_not_split_a_method(tmp_path):
+    """``teacher.seed: 0`` in runs of seeds 0, 1, 2 is one setting, though it equals the seed of run 0."""
+    for seed in (0, 1, 2):
+        write(tmp_path / f"kd{seed}", "kd", seed, 0.70)
+        edit(tmp_path / f"kd{seed}", lambda results: results["config"].update(teacher={"seed": 0}))
+    rows, _ = summarize(sorted(tmp_path.rglob("results.json")))
+    assert len(rows) == 1 and rows[0]["seeds"] == 3 and rows[0]["setting"] == "-"
+
+
 def age(run: Path, seconds_ago: float) -> None:
     """Set the modification time of a run's results.json: the rule for repeats keeps the newest."""
     stamp = time.time() - seconds_ago

@@ -76,3 +76,21 @@ def test_the_size_plot_joins_points_only_within_one_architecture(tmp_path):
 def test_student_families():
     names = ("resnet20", "resnet8x4", "wrn_16_2", "mlp_small", "cnn1d_tiny", "gpt2_student", "MobileNetV2")
     assert [family(n) for n in names] == ["resnet", "resnet", "wrn", "mlp", "cnn1d", "gpt", "MobileNetV"]
+
+
+def test_many_methods_lie_flat_and_a_diverged_one_is_cut_with_its_value(tmp_path):
+    """Ten methods: horizontal bars, best on top. A lower-is-better run far off scale (ppl 1300 against
+    about 100) is drawn at the axis end with its value printed, so it does not flatten the others."""
+    ppl = {f"m{i}": 100.0 + i for i in range(9)} | {"bad": 1300.0}
+    for algorithm, value in ppl.items():
+        write(tmp_path / algorithm, algorithm, 0, value)
+    rows = rows_of(tmp_path)
+    for r in rows:
+        r["metric"] = "ppl"
+    (ax,) = accuracy_by_method_figure(rows).axes
+    (bars,) = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [t.get_text() for t in ax.get_yticklabels()][:2] == ["m0", "m1"]  # the lowest ppl on top
+    widths = [p.get_width() for p in bars.patches]
+    assert widths[:9] == [100.0 + i for i in range(9)]
+    assert widths[-1] < 200 and ax.texts[-1].get_text() == "1300.000 (off scale)"
+    assert ax.get_xlim()[0] == 0.0  # from 0: a bar's length is proportional to its value

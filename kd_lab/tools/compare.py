@@ -54,20 +54,23 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: json.dumps(node, sort_keys=True)}
 
 
-def setting(config: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+def setting(config: dict[str, Any], seed_keys: frozenset[str] = frozenset()) -> tuple[tuple[str, Any], ...]:
+    """The config keys that make a setting. ``seed_keys``: keys that follow the run's seed (not a setting)."""
     flat = flatten(config)
-    run_seed = json.dumps(config.get("seed"), sort_keys=True)
-    return tuple(
-        sorted(
-            (k, v) for k, v in flat.items() if not k.startswith(NOT_A_SETTING) and not follows_the_seed(k, v, run_seed)
-        )
-    )
+    return tuple(sorted((k, v) for k, v in flat.items() if not k.startswith(NOT_A_SETTING) and k not in seed_keys))
 
 
-def follows_the_seed(key: str, value: str, run_seed: str) -> bool:
-    """A ``<group>.seed`` equal to the run's seed is the config's ``${seed}`` (GKD's draws, a sampler's):
-    a replicate, not another setting."""
-    return key.rsplit(".", 1)[-1] == "seed" and value == run_seed
+def keys_following_the_seed(configs: list[dict[str, Any]]) -> frozenset[str]:
+    """The ``<group>.seed`` keys equal to the run's seed in every run that has them: the config's ``${seed}``
+    (GKD's draws, a sampler's). They mark replicates, not settings. A seed fixed apart from the run's
+    (``teacher.seed: 0``) differs from it in some run, so it stays a setting."""
+    candidates: dict[str, bool] = {}
+    for config in configs:
+        run_seed = json.dumps(config.get("seed"), sort_keys=True)
+        for k, v in flatten(config).items():
+            if "." in k and k.rsplit(".", 1)[-1] == "seed":
+                candidates[k] = candidates.get(k, True) and v == run_seed
+    return frozenset(k for k, follows in candidates.items() if follows)
 
 
 def conditions(chosen: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, Any], ...]:
@@ -141,6 +144,7 @@ def one_run_per_seed(found: list[tuple[Path, dict[str, Any]]]) -> tuple[list[dic
 def summarize(files: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     groups: dict[tuple, list[tuple[Path, dict]]] = defaultdict(list)
     problems: list[tuple[str, str]] = []
+    finished: list[tuple[Path, dict]] = []
     for f in files:
         try:
             r = json.loads(f.read_text())
@@ -150,8 +154,11 @@ def summarize(files: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[str, 
         if r.get("status") != "finished":
             problems.append((str(f.parent), f"{r.get('status')}: {r.get('error', '')}"[:200]))
             continue
+        finished.append((f, r))
+    seed_keys = keys_following_the_seed([r["config"] for _, r in finished])
+    for f, r in finished:
         names = tuple(r["names"].get(k, "-") for k in KEY)
-        groups[(*names, epoch_budget(r), thread_count(r), setting(r["config"]))].append((f, r))
+        groups[(*names, epoch_budget(r), thread_count(r), setting(r["config"], seed_keys))].append((f, r))
 
     # settings of one (data, teacher, student, algorithm, scheme) differ in these keys: show them
     varying: dict[tuple, set[str]] = defaultdict(set)

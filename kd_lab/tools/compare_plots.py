@@ -20,10 +20,35 @@ def metric_label(rows: list[dict[str, Any]]) -> str:
     return PROTOCOL if metric == "acc" else PROTOCOL.replace("accuracy", metric)
 
 
+def short_setting(setting: str) -> str:
+    """``student.model.hidden_size=64 algorithm.divergence="jsd"`` -> ``hidden_size=64 divergence=jsd``: the
+    last part of each key and the value, which is what tells two bars apart."""
+    return " ".join(
+        f"{k.rsplit('.', 1)[-1]}={v.strip(chr(34))}" for k, _, v in (w.partition("=") for w in setting.split())
+    )
+
+
 def method_label(row: dict[str, Any]) -> str:
     """What distinguishes rows of one student: algorithm, scheme when not the usual one, differing settings."""
     label = row["algorithm"] if row["scheme"] == "offline" else f"{row['algorithm']} ({row['scheme']})"
-    return label if row["setting"] == "-" else f"{label} {row['setting']}"
+    return label if row["setting"] == "-" else f"{label} {short_setting(row['setting'])}"
+
+
+# Past this many bars, or labels this long, a panel's bars lie horizontally: the labels read in one line.
+MAX_UPRIGHT_BARS, MAX_UPRIGHT_LABEL = 8, 24
+# A lower-is-better value this many times the panel's median (perplexity 1278 against 110) is drawn cut at
+# the axis end, with its value printed: otherwise one diverged run flattens every other bar.
+OFF_SCALE = 4.0
+
+
+def value_axis_end(values: list[float], references: list[float], metric: str) -> float:
+    """Where the value axis ends. Accuracy ends at 1 (its upper bound). Other metrics end a little above the
+    largest value that is not off scale."""
+    if metric == "acc":
+        return 1.0
+    ordered = sorted(values + references)
+    median = ordered[len(ordered) // 2]
+    return 1.1 * max(v for v in ordered if v <= OFF_SCALE * median)
 
 
 def budget_label(key: tuple) -> str:
@@ -59,16 +84,19 @@ def method_panels(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]
 def accuracy_by_method_figure(rows: list[dict[str, Any]]):
     """One panel per student (and data, teacher, budget): one bar per method, best first, with the std over
     seeds as error bars and the value written on the bar; the vanilla student and the teacher are labelled
-    horizontal lines, so a bar reads against both."""
+    lines, so a bar reads against both. Many methods or long labels: the bars lie horizontally."""
     from matplotlib.figure import Figure
 
     panels = method_panels(rows)
-    ncols = min(2, len(panels))
-    nrows = -(-len(panels) // ncols)
-    widest = max(len(v) for v in panels.values())
-    fig = Figure(figsize=(max(5.0, 1.0 + 0.55 * widest) * ncols + 1.6, 4.2 * nrows), layout="constrained")
     metric = rows[0].get("metric", "acc")
     lower_better = metric in LOWER_IS_BETTER
+    labels = [method_label(r) for r in rows]
+    widest = max(len(v) for v in panels.values())
+    flat = widest > MAX_UPRIGHT_BARS or max(map(len, labels)) > MAX_UPRIGHT_LABEL
+    ncols = 1 if flat else min(2, len(panels))
+    nrows = -(-len(panels) // ncols)
+    upright = (max(5.0, 1.0 + 0.55 * widest) * ncols + 1.6, 4.2 * nrows)
+    fig = Figure(figsize=(9.0, (1.2 + 0.3 * widest) * nrows) if flat else upright, layout="constrained")
     for i, (key, panel) in enumerate(panels.items()):
         data, teacher, student, *budget = key
         ax = fig.add_subplot(nrows, ncols, i + 1)
@@ -76,32 +104,39 @@ def accuracy_by_method_figure(rows: list[dict[str, Any]]):
         # one vanilla row is the reference line; several (different settings) stay bars, told apart by label
         bars = [r for r in panel if not (len(vanilla) == 1 and r is vanilla[0])]
         bars.sort(key=lambda r: r["acc_best"], reverse=not lower_better)  # the best method first
-        xs = range(len(bars))
-        container = ax.bar(
-            xs,
-            [r["acc_best"] for r in bars],
-            yerr=[r["std_best"] for r in bars],
-            capsize=3,
-            color=["tab:gray" if r["algorithm"] == "none" else "tab:blue" for r in bars],
-        )
-        values = [f"{r['acc_best']:.3f}" for r in bars]
-        ax.bar_label(container, labels=values, label_type="center", rotation=90, color="white", fontsize=8)
-        ax.set_xticks(xs, [method_label(r) for r in bars], rotation=35, ha="right", fontsize=7)
-        tops = [r["acc_best"] + r["std_best"] for r in panel]
+        references = []
         if len(vanilla) == 1:
-            v = vanilla[0]["acc_best"]
-            ax.axhline(v, color="tab:gray", linestyle=":", linewidth=1.5, label=f"vanilla student {v:.3f}")
+            references.append(("vanilla student", vanilla[0]["acc_best"], ":", "tab:gray"))
         teachers = [r["teacher_acc"] for r in panel if r.get("teacher_acc") is not None]
         if teachers:
-            t = sum(teachers) / len(teachers)
-            ax.axhline(t, color="black", linestyle="--", linewidth=1.2, label=f"teacher {t:.3f}")
-            tops.append(t)
-        # The value axis starts at 0, so a bar's height is proportional to its value: a gap of 0.01 looks like
-        # one. The printed values carry the small differences. Accuracy ends at 1 (its upper bound).
-        ax.set_ylim(0.0, 1.0 if metric == "acc" else 1.1 * max(tops))
-        ax.set_ylabel(metric, fontsize=8)
+            references.append(("teacher", sum(teachers) / len(teachers), "--", "black"))
+        # The value axis starts at 0, so a bar's length is proportional to its value: a gap of 0.01 looks like
+        # one. The printed values carry the small differences.
+        end = value_axis_end([r["acc_best"] + r["std_best"] for r in panel], [v for _, v, _, _ in references], metric)
+        shown = [min(r["acc_best"], end) for r in bars]
+        errors = [0.0 if r["acc_best"] > end else r["std_best"] for r in bars]
+        values = [f"{r['acc_best']:.3f}" + (" (off scale)" if r["acc_best"] > end else "") for r in bars]
+        colours = ["tab:gray" if r["algorithm"] == "none" else "tab:blue" for r in bars]
+        at = range(len(bars))
+        if flat:
+            container = ax.barh(at, shown, xerr=errors, capsize=3, color=colours)
+            ax.bar_label(container, labels=values, padding=3, fontsize=7)
+            ax.set_yticks(at, [method_label(r) for r in bars], fontsize=7)
+            ax.invert_yaxis()  # the best method on top
+            ax.set_xlim(0.0, end * (1.25 if metric != "acc" else 1.0))  # room for the printed values
+            ax.set_xlabel(metric, fontsize=8)
+            ax.tick_params(axis="x", labelsize=7)
+        else:
+            container = ax.bar(at, shown, yerr=errors, capsize=3, color=colours)
+            ax.bar_label(container, labels=values, label_type="center", rotation=90, color="white", fontsize=8)
+            ax.set_xticks(at, [method_label(r) for r in bars], rotation=35, ha="right", fontsize=7)
+            ax.set_ylim(0.0, end)
+            ax.set_ylabel(metric, fontsize=8)
+            ax.tick_params(axis="y", labelsize=7)
+        for name, value, style, colour in references:
+            line = ax.axvline if flat else ax.axhline
+            line(value, color=colour, linestyle=style, linewidth=1.5, label=f"{name} {value:.3f}")
         ax.set_title(f"{student} ← {teacher} ({data}), {budget_label(tuple(budget))}", fontsize=8)
-        ax.tick_params(axis="y", labelsize=7)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.supxlabel(metric_label(rows) + (", lower is better" if lower_better else ""), fontsize=8)
