@@ -47,11 +47,11 @@ class SharedHead(nn.Module):
 
     def __init__(self, module: nn.Module, detach: bool):
         super().__init__()
-        self._module = [module]  # a list hides it from nn.Module's registration
+        self.__dict__["shared"] = module  # not an attribute nn.Module registers: its parameters stay once
         self.detach = detach
 
     def forward(self, x: Tensor) -> Tensor:
-        module = self._module[0]
+        module = self.shared
         if not self.detach:
             return module(x)
         frozen = {name: p.detach() for name, p in module.named_parameters()}
@@ -116,7 +116,6 @@ class EarlyExit(Algorithm):
         self.exit_specs, self.exit_ce_weight, self.kd_weight = exits, exit_ce_weight, kd_weight
         self.temperature, self.detach_backbone = temperature, detach_backbone
         self.exit_paths: list[str] = []
-        self._student: list[nn.Module] = []  # kept out of this module's parameters
 
     def bind(self, student: nn.Module, teacher: nn.Module | None) -> None:
         blocks = block_paths(student) if hasattr(getattr(student, "config", None), "model_type") else []
@@ -145,14 +144,16 @@ class EarlyExit(Algorithm):
                     "Choose earlier blocks."
                 )
             paths.append(spec)
-        self.exit_paths, self._student = paths, [student]
+        self.exit_paths = paths
+        # not an attribute: nn.Module would register the student as a submodule (its parameters twice)
+        self.__dict__["_student"] = student
 
     @property
     def student_taps(self) -> list[str]:
         return list(self.exit_paths)
 
     def build(self, student_shapes, teacher_shapes, context: BuildContext) -> None:
-        student = self._student[0]
+        student = self._student
         if context.task.kind == "language_modeling":
             self.heads = nn.ModuleList(lm_exit_head(student, self.detach_backbone) for _ in self.exit_paths)
         else:
@@ -168,12 +169,14 @@ class EarlyExit(Algorithm):
         for path, head in zip(self.exit_paths, self.heads, strict=True):
             feature = out.features[path]
             logits = head(feature.detach() if self.detach_backbone else feature)
-            ce.append(out.label_loss(logits))
-            kd.append(kd_term(out, logits, deep, self.temperature))
+            if self.exit_ce_weight:  # each term costs a pass over the vocabulary: only the weighted ones
+                ce.append(out.label_loss(logits))
+            if self.kd_weight:
+                kd.append(kd_term(out, logits, deep, self.temperature))
         terms = self.ce_term(out)
-        if self.exit_ce_weight:
+        if ce:
             terms["exit_ce"] = self.exit_ce_weight * torch.stack(ce).sum()
-        if self.kd_weight:
+        if kd:
             terms["exit_kd"] = self.kd_weight * torch.stack(kd).sum()
         return terms
 

@@ -23,9 +23,8 @@ from kd_lab.algorithms.base import Algorithm, BuildContext, StepOutputs
 from kd_lab.algorithms.seq_kd import check_causal, check_prompt_length, continuation_targets
 from kd_lab.core.bounds import AtLeastOne, BelowOne, Positive, UnitInterval
 from kd_lab.core.tasks.language_modeling import IGNORE_INDEX, global_count
-from kd_lab.errors import KDLabError
 from kd_lab.lm.generation import sample
-from kd_lab.losses.divergences import KINDS, token_divergence
+from kd_lab.losses.divergences import check_divergence, token_divergence
 
 ON_POLICY = "gkd_on_policy"  # batch key: True on a batch of the student's own samples
 
@@ -57,8 +56,7 @@ class GKD(Algorithm):
         seed: int = 0,
     ):
         super().__init__(ce_weight=0.0)  # GKD trains on the divergence alone
-        if divergence not in KINDS:
-            raise KDLabError(f"algorithm.divergence={divergence!r} is not one of {list(KINDS)}.")
+        check_divergence(divergence)
         self.lam, self.divergence, self.beta, self.alpha = lam, divergence, beta, alpha
         self.temperature, self.student_temperature, self.top_k = temperature, student_temperature, top_k
         self.prompt_length, self.kd_weight, self.seed = prompt_length, kd_weight, seed

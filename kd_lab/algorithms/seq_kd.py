@@ -27,7 +27,7 @@ from kd_lab.core.bounds import AtLeastOne, BelowOne, NonNegative, Positive, Unit
 from kd_lab.core.tasks.language_modeling import IGNORE_INDEX, global_count
 from kd_lab.errors import KDLabError
 from kd_lab.lm.sequence_store import DECODINGS, GenerationSettings, SequenceStore, load_or_generate
-from kd_lab.losses.divergences import KINDS, token_divergence
+from kd_lab.losses.divergences import check_divergence, token_divergence
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,7 @@ class SeqKD(Algorithm):
             raise KDLabError(f"algorithm.decoding={decoding!r} is not one of {list(DECODINGS)}.")
         if word_data not in WORD_DATA:
             raise KDLabError(f"algorithm.word_data={word_data!r} is not one of {list(WORD_DATA)}.")
-        if divergence not in KINDS:
-            raise KDLabError(f"algorithm.divergence={divergence!r} is not one of {list(KINDS)}.")
+        check_divergence(divergence)
         self.settings = GenerationSettings(decoding, prompt_length, temperature, top_k, beam_size, generation_seed)
         self.prompt_length, self.word_data = prompt_length, word_data
         self.seq_weight, self.word_weight = seq_weight, word_weight

@@ -21,8 +21,7 @@ from torch import Tensor
 
 from kd_lab.algorithms.base import Algorithm, StepOutputs
 from kd_lab.core.bounds import AtLeastOne, BelowOne, NonNegative, Positive, UnitInterval
-from kd_lab.errors import KDLabError
-from kd_lab.losses.divergences import KINDS, token_divergence
+from kd_lab.losses.divergences import check_divergence, token_divergence
 from kd_lab.losses.sparse import sparse_token_divergence, support_of
 
 
@@ -42,8 +41,7 @@ class TokenKD(Algorithm):
         chunk_size: AtLeastOne | None = None,
     ):
         super().__init__(ce_weight)
-        if divergence not in KINDS:
-            raise KDLabError(f"algorithm.divergence={divergence!r} is not one of {list(KINDS)}.")
+        check_divergence(divergence)
         self.divergence, self.kd_weight, self.temperature = divergence, kd_weight, temperature
         self.beta, self.alpha, self.chunk_size = beta, alpha, chunk_size
 

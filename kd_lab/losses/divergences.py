@@ -33,6 +33,12 @@ from kd_lab.errors import KDLabError
 KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_rkl")
 
 
+def check_divergence(kind: str) -> None:
+    """Refuse an unknown ``algorithm.divergence`` when the algorithm is built, naming the valid ones."""
+    if kind not in KINDS:
+        raise KDLabError(f"algorithm.divergence={kind!r} is not one of {list(KINDS)}.")
+
+
 def check_options(kind: str, temperature: float, beta: float, alpha: float) -> None:
     """Raise KDLabError on an unknown kind or an out-of-range option, naming what is valid."""
     if kind not in KINDS:

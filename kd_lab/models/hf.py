@@ -72,31 +72,13 @@ def causal_lm(
     inner = intermediate_size or 4 * sizes["hidden_size"]
     extra_config = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **extra_config}
     if arch == "gpt2":
-        return _build(
-            GPT2LMHeadModel,
-            GPT2Config,
-            vocab_size=sizes["vocab_size"],
-            n_positions=sizes["max_positions"],
-            n_embd=sizes["hidden_size"],
-            n_layer=sizes["num_layers"],
-            n_head=sizes["num_heads"],
-            n_inner=inner,
-            resid_pdrop=dropout,
-            embd_pdrop=dropout,
-            attn_pdrop=dropout,
-            tie_word_embeddings=tie_word_embeddings,
-            **extra_config,
-        )
+        config = _gpt2_sizes(sizes, inner, dropout)
+        return _build(GPT2LMHeadModel, GPT2Config, **config, tie_word_embeddings=tie_word_embeddings, **extra_config)
     if arch == "llama":
         return _build(
             LlamaForCausalLM,
             LlamaConfig,
-            vocab_size=sizes["vocab_size"],
-            max_position_embeddings=sizes["max_positions"],
-            hidden_size=sizes["hidden_size"],
-            num_hidden_layers=sizes["num_layers"],
-            num_attention_heads=sizes["num_heads"],
-            intermediate_size=inner,
+            **_bert_sizes(sizes, inner),
             attention_dropout=dropout,
             tie_word_embeddings=tie_word_embeddings,
             **extra_config,
@@ -123,19 +105,8 @@ def masked_lm(
     if pretrained is not None:
         return _load(AutoModelForMaskedLM, pretrained, vocab_size)
     sizes = _sizes(vocab_size, max_positions, hidden_size, num_layers, num_heads)
-    return _build(
-        BertForMaskedLM,
-        BertConfig,
-        vocab_size=sizes["vocab_size"],
-        max_position_embeddings=sizes["max_positions"],
-        hidden_size=sizes["hidden_size"],
-        num_hidden_layers=sizes["num_layers"],
-        num_attention_heads=sizes["num_heads"],
-        intermediate_size=intermediate_size or 4 * sizes["hidden_size"],
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        **extra,
-    )
+    config = _bert_sizes(sizes, intermediate_size or 4 * sizes["hidden_size"], dropout)
+    return _build(BertForMaskedLM, BertConfig, **config, **extra)
 
 
 class _MaskPadding:
@@ -187,33 +158,10 @@ def sequence_classifier(
     sizes = _sizes(vocab_size, max_positions, hidden_size, num_layers, num_heads)
     inner = intermediate_size or 4 * sizes["hidden_size"]
     if arch == "gpt2":
-        config = {"n_positions": sizes["max_positions"], "n_embd": sizes["hidden_size"], "n_inner": inner}
-        config |= {"n_layer": sizes["num_layers"], "n_head": sizes["num_heads"], "bos_token_id": None}
-        config |= {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout, "eos_token_id": None}
-        return _build(
-            cls,
-            GPT2Config,
-            vocab_size=sizes["vocab_size"],
-            num_labels=num_labels,
-            pad_token_id=pad_token_id,
-            **config,
-            **extra,
-        )
-    return _build(
-        cls,
-        BertConfig,
-        vocab_size=sizes["vocab_size"],
-        max_position_embeddings=sizes["max_positions"],
-        hidden_size=sizes["hidden_size"],
-        num_hidden_layers=sizes["num_layers"],
-        num_attention_heads=sizes["num_heads"],
-        intermediate_size=inner,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        num_labels=num_labels,
-        pad_token_id=pad_token_id,
-        **extra,
-    )
+        config = _gpt2_sizes(sizes, inner, dropout) | {"bos_token_id": None, "eos_token_id": None}
+        return _build(cls, GPT2Config, **config, num_labels=num_labels, pad_token_id=pad_token_id, **extra)
+    config = _bert_sizes(sizes, inner, dropout)
+    return _build(cls, BertConfig, **config, num_labels=num_labels, pad_token_id=pad_token_id, **extra)
 
 
 def max_positions(model: PreTrainedModel) -> int:
@@ -257,6 +205,37 @@ def _sizes(vocab: int | None, positions: int | None, hidden: int | None, layers:
     if sizes["hidden_size"] % sizes["num_heads"]:
         raise KDLabError(f"hidden_size={hidden} is not divisible by num_heads={heads}")
     return sizes
+
+
+def _gpt2_sizes(sizes: dict[str, int], inner: int, dropout: float) -> dict[str, Any]:
+    """GPT-2's config names for kd-lab's size arguments, every dropout set to ``dropout``."""
+    return {
+        "vocab_size": sizes["vocab_size"],
+        "n_positions": sizes["max_positions"],
+        "n_embd": sizes["hidden_size"],
+        "n_layer": sizes["num_layers"],
+        "n_head": sizes["num_heads"],
+        "n_inner": inner,
+        "resid_pdrop": dropout,
+        "embd_pdrop": dropout,
+        "attn_pdrop": dropout,
+    }
+
+
+def _bert_sizes(sizes: dict[str, int], inner: int, dropout: float | None = None) -> dict[str, Any]:
+    """BERT's config names for kd-lab's size arguments; Llama shares them. ``dropout``: BERT's two dropouts
+    (None: leave them out, as Llama has attention dropout only)."""
+    config = {
+        "vocab_size": sizes["vocab_size"],
+        "max_position_embeddings": sizes["max_positions"],
+        "hidden_size": sizes["hidden_size"],
+        "num_hidden_layers": sizes["num_layers"],
+        "num_attention_heads": sizes["num_heads"],
+        "intermediate_size": inner,
+    }
+    if dropout is not None:
+        config |= {"hidden_dropout_prob": dropout, "attention_probs_dropout_prob": dropout}
+    return config
 
 
 def _build(cls: type[PreTrainedModel], config_cls: type, **config: Any) -> PreTrainedModel:
