@@ -91,6 +91,17 @@ def test_an_algorithm_of_another_task_is_refused():
         check_compatible("crd", None, "offline", "language_modeling")
 
 
+LANGUAGE_ONLY = sorted(n for n, c in algorithm_classes().items() if "classification" not in c.task_kinds)
+
+
+@pytest.mark.parametrize("algorithm", LANGUAGE_ONLY)
+def test_a_language_model_algorithm_on_a_classifier_names_the_task(make_cfg, algorithm):
+    """gkd and seq_kd read task.prompt_length, which a classifier's task lacks: the pairing rule is the message."""
+    scheme = "offline" if "offline" in algorithm_classes()[algorithm].schemes else "self"
+    with pytest.raises(KDLabError, match=f"algorithm '{algorithm}' cannot run on a classification task"):
+        train(make_cfg(f"algorithm={algorithm}", f"scheme={scheme}", "debug=fdr"))
+
+
 def test_cross_modal_needs_paired_data(make_cfg):
     with pytest.raises(KDLabError, match=r"algorithm=cross_modal needs paired data.*data=mnist1d_xmodal"):
         train(make_cfg(*PAIRING, "algorithm=cross_modal", "debug=fdr"))

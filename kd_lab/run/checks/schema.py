@@ -41,12 +41,16 @@ def validate_config(cfg: DictConfig) -> None:
     """Raise for the first mistake in ``cfg``; nothing is built."""
     check_schema(cfg)
     check_devices(to_dict(cfg.get("trainer")))  # before the data is generated or a teacher lock taken
-    task = cfg.get("task") or {}
-    kind = getattr(_locate(task["_target_"]), "kind", None) if "_target_" in task else None
-    # the pairing rules first: they explain a build error
-    check_compatible(cfg.algorithm.name, cfg.algorithm.get("_target_"), cfg.scheme.name, kind)
+    check_pairing(cfg)  # the pairing rules before the build: they explain a build error
     check_settings(to_dict(cfg))  # settings that cannot do what they say: warnings, or a refusal
     check_resume_checkpoint(to_dict(cfg))  # reads the file: last
+
+
+def check_pairing(cfg: DictConfig) -> None:
+    """Refuse an algorithm under a scheme or on a task it does not fit (kd_lab.run.checks.compatibility)."""
+    task = cfg.get("task") or {}
+    kind = getattr(_locate(task["_target_"]), "kind", None) if "_target_" in task else None
+    check_compatible(cfg.algorithm.name, cfg.algorithm.get("_target_"), cfg.scheme.name, kind)
 
 
 def check_schema(cfg: DictConfig) -> None:
@@ -54,6 +58,7 @@ def check_schema(cfg: DictConfig) -> None:
     try:
         tree = to_dict(cfg)
     except InterpolationKeyError as e:  # an option that expects a key this config does not have
+        check_pairing(cfg)  # an algorithm made for another task is the likely cause: say that first
         raise KDLabError(
             f"{e.full_key} cannot be resolved ({e.msg}): the option that sets it expects a key the other options "
             f"do not have (a classifier's data.input_shape on text data, say); pick options made for each other, "
