@@ -1,12 +1,17 @@
-"""RKD loss: the direct (b, b, D) form it had before against the Gram form it has now, forward + backward.
+"""RKD loss: the direct (b, b, D) form, the Gram form under autograd, and the blocked Gram form kd-lab uses.
 
     python scripts/bench_relation_losses.py                   # CPU, 1 thread, b=128, D=256 and D=64
     python scripts/bench_relation_losses.py --device cuda --dims 256 2048
 
 The loss is the RKD term at its defaults: 25 * distance loss + 50 * angle loss, student embedding (b, D) with
-a gradient, teacher embedding (b, D) detached. Time: median over --reps of one forward + backward; the two
-forms alternate rep by rep, so a load change on a shared machine hits both alike. One untimed warm-up first.
-It also prints how far apart the two forms' losses and gradients are. Nothing here is asserted.
+a gradient, teacher embedding (b, D) detached. Three forms of the angle term:
+  direct         (b, b, D) unit differences, then a (b, b, b) batched product: O(b^3 D).
+  gram_autograd  the cosines from the pairwise squared distances (law of cosines), whole (b, b, b) tensors,
+                 autograd's backward.
+  gram           kd-lab's: the same cosines, a block of rows at a time, a hand-written backward.
+Time: median over --reps of one forward + backward; the forms alternate rep by rep, so a load change on a
+shared machine hits all alike. One untimed warm-up first. It also prints how far the losses and gradients of
+the two Gram forms are from the direct form's. Nothing here is asserted.
 """
 
 import argparse
@@ -17,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kd_lab.algorithms.rkd import rkd_angle_loss, rkd_distance_loss
+from kd_lab.algorithms.rkd import rkd_angle_loss, rkd_angle_potentials, rkd_distance_loss
 
 DISTANCE_WEIGHT, ANGLE_WEIGHT = 25.0, 50.0  # RKD's defaults (conf/algorithm/rkd.yaml)
 
@@ -42,11 +47,18 @@ def direct_rkd_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     ) + ANGLE_WEIGHT * F.smooth_l1_loss(direct_angle_potentials(s), direct_angle_potentials(t))
 
 
+def gram_autograd_rkd_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return DISTANCE_WEIGHT * rkd_distance_loss(s, t) + ANGLE_WEIGHT * F.smooth_l1_loss(
+        rkd_angle_potentials(s), rkd_angle_potentials(t)
+    )
+
+
 def gram_rkd_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return DISTANCE_WEIGHT * rkd_distance_loss(s, t) + ANGLE_WEIGHT * rkd_angle_loss(s, t)
 
 
-VARIANTS = {"direct": direct_rkd_loss, "gram": gram_rkd_loss}
+VARIANTS = {"direct": direct_rkd_loss, "gram_autograd": gram_autograd_rkd_loss, "gram": gram_rkd_loss}
+GRAM_FORMS = ("gram_autograd", "gram")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -85,8 +97,9 @@ def measure(dim: int, args: argparse.Namespace) -> dict:
         for name, fn in VARIANTS.items():
             times[name].append(_once(fn, s, t, device))
     row = {"dim": dim, **{f"{name}_s": statistics.median(ts) for name, ts in times.items()}}
-    row["loss_diff"] = abs(losses["gram"] - losses["direct"])
-    row["grad_diff"] = (grads["gram"] - grads["direct"]).abs().max().item()
+    for name in GRAM_FORMS:
+        row[f"{name}_loss_diff"] = abs(losses[name] - losses["direct"])
+        row[f"{name}_grad_diff"] = (grads[name] - grads["direct"]).abs().max().item()
     row["grad_max"] = grads["direct"].abs().max().item()
     return row
 
@@ -96,13 +109,14 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     lines = [
         f"RKD loss (25 distance + 50 angle), b={args.batch}, float32 on {args.device}{threads}, "
         f"median of {args.reps} reps of forward+backward",
-        f"{'D':>6}{'direct_ms':>12}{'gram_ms':>10}{'direct/gram':>13}"
-        f"{'|dloss|':>10}{'max|dgrad|':>12}{'max|grad|':>11}",
+        f"{'D':>6}{'direct_ms':>11}{'gram_autograd_ms':>18}{'gram_ms':>9}{'direct/gram':>13}"
+        f"{'gram_autograd/gram':>20}{'max|dgrad| autograd':>21}{'max|dgrad| gram':>17}{'max|grad|':>11}",
     ]
     for r in rows:
         lines.append(
-            f"{r['dim']:>6}{r['direct_s'] * 1e3:>12.1f}{r['gram_s'] * 1e3:>10.1f}{r['direct_s'] / r['gram_s']:>13.2f}"
-            f"{r['loss_diff']:>10.1e}{r['grad_diff']:>12.1e}{r['grad_max']:>11.1e}"
+            f"{r['dim']:>6}{r['direct_s'] * 1e3:>11.1f}{r['gram_autograd_s'] * 1e3:>18.1f}{r['gram_s'] * 1e3:>9.1f}"
+            f"{r['direct_s'] / r['gram_s']:>13.2f}{r['gram_autograd_s'] / r['gram_s']:>20.2f}"
+            f"{r['gram_autograd_grad_diff']:>21.1e}{r['gram_grad_diff']:>17.1e}{r['grad_max']:>11.1e}"
         )
     return "\n".join(lines)
 

@@ -22,7 +22,13 @@ from kd_lab.algorithms.crd import (
     sample_negatives,
 )
 from kd_lab.algorithms.pkt import cosine_conditional_probabilities, pkt_loss
-from kd_lab.algorithms.rkd import rkd_angle_loss, rkd_angle_potentials, rkd_distance_loss, rkd_distance_potentials
+from kd_lab.algorithms.rkd import (
+    _AngleLoss,
+    rkd_angle_loss,
+    rkd_angle_potentials,
+    rkd_distance_loss,
+    rkd_distance_potentials,
+)
 from kd_lab.algorithms.sp import similarity_matrix, sp_loss
 from kd_lab.core.recorder import probe_shapes, record
 from kd_lab.core.tasks import Classification
@@ -164,6 +170,21 @@ def test_rkd_gradcheck():
     assert torch.autograd.gradcheck(lambda x: rkd_angle_loss(x, t), (s,))
 
 
+def test_rkd_angle_loss_blocked_backward_past_one_block():
+    # b = 19: two full blocks of _AngleLoss.ROWS = 8 rows and a partial one. Gradients on both sides
+    # (online schemes train the teacher too), against finite differences and against autograd on the whole tensor.
+    assert 2 * _AngleLoss.ROWS < 19
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(19, 5, dtype=torch.double, generator=gen).requires_grad_()
+    t = torch.randn(19, 3, dtype=torch.double, generator=gen).requires_grad_()
+    assert torch.autograd.gradcheck(rkd_angle_loss, (s, t))
+    whole = F.smooth_l1_loss(rkd_angle_potentials(s), rkd_angle_potentials(t))
+    blocked = rkd_angle_loss(s, t)
+    torch.testing.assert_close(blocked, whole, rtol=1e-12, atol=0)
+    for got, want in zip(torch.autograd.grad(blocked, (s, t)), torch.autograd.grad(whole, (s, t)), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+
+
 def test_rkd_gradient_finite_with_duplicate_samples():
     s = torch.tensor([[1.0, 2.0], [1.0, 2.0], [0.0, 1.0]], requires_grad=True)
     (rkd_distance_loss(s, torch.randn(3, 4)) + rkd_angle_loss(s, torch.randn(3, 4))).backward()
@@ -290,9 +311,11 @@ def test_bench_relation_losses_script_runs_both_forms(capsys):
     rows = module.main(["--batch", "8", "--dims", "16", "4", "--reps", "1", "--threads", "1"])
     assert torch.get_num_threads() == threads
     assert [r["dim"] for r in rows] == [16, 4]
-    assert all(r["direct_s"] > 0 and r["gram_s"] > 0 and r["grad_diff"] <= 1e-5 * r["grad_max"] for r in rows)
+    for r in rows:
+        assert r["direct_s"] > 0 and r["gram_autograd_s"] > 0 and r["gram_s"] > 0
+        assert r["gram_grad_diff"] <= 1e-5 * r["grad_max"] and r["gram_autograd_grad_diff"] <= 1e-5 * r["grad_max"]
     out = capsys.readouterr().out
-    assert "direct/gram" in out and len(out.strip().splitlines()) == 4
+    assert "direct/gram" in out and "gram_autograd/gram" in out and len(out.strip().splitlines()) == 4
 
 
 # -- PKT ---------------------------------------------------------------------------------------------------

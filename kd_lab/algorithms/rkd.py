@@ -68,14 +68,28 @@ def rkd_distance_potentials(e: Tensor) -> Tensor:
     return d / (d.sum() / (b * (b - 1)))
 
 
+def _angle_inputs(e: Tensor) -> tuple[Tensor, Tensor]:
+    """(b, b) squared distances S in the working dtype, and 1 / ||e_j - e_i|| * sqrt(1/2) for the pairs apart
+    (0 for the coincident ones; the sqrt(1/2) takes the 1/2 of the law of cosines below)."""
+    sq64, apart = _squared_distances(e)
+    sq = sq64.to(_work_dtype(e))
+    return sq, torch.where(apart, sq.clamp(min=NORM_EPS**2).rsqrt(), 0.0) * 0.5**0.5
+
+
+def _angle_rows(sq: Tensor, inv: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+    """Rows ``rows`` of the angle tensor: (S_ij + S_ik - S_jk) for i in rows, and the norms' product."""
+    c = sq[rows, :, None] + sq[rows, None, :]
+    c.sub_(sq)  # [i, j, k] = S_ij + S_ik - S_jk (broadcast over i)
+    return c, inv[rows, :, None] * inv[rows, None, :]
+
+
 def rkd_angle_potentials(e: Tensor) -> Tensor:
     """(b, b, b): [i, j, k] = cosine of the angle at e_i of the triangle (e_i, e_j, e_k); 0 when j or k is i.
 
     By the law of cosines, with S_ij = ||e_i - e_j||^2 (from the Gram matrix, see ``_squared_distances``):
         <e_j - e_i, e_k - e_i> = (S_ij + S_ik - S_jk) / 2,   ||e_j - e_i|| = sqrt(S_ij).
     So the tensor costs O(b^3) elementwise work and no (b, b, D) tensor or (b, b, b) x D product: the direct
-    form (normalize the differences, then bmm) costs O(b^3 D): the RKD loss takes 4-6x less time at b=128,
-    D=256, 1.1-1.7x at D=64 (forward + backward, one shared CPU thread; scripts/bench_relation_losses.py).
+    form (normalize the differences, then bmm) costs O(b^3 D).
     Same rules as the direct form: each norm is clamped at 1e-12 (F.normalize's eps); a zero difference
     (j == i, or a sample equal to e_i) gives a zero unit vector, hence 0 for every entry that holds it;
     [i, j, j] = 1 for a distinct pair. A coincident pair contributes no gradient.
@@ -83,16 +97,65 @@ def rkd_angle_potentials(e: Tensor) -> Tensor:
     float32 a cosine is off by ~1e-7 ||e_k - e_i|| / ||e_j - e_i||: 6e-4 for a pair 1e-4 apart per coordinate,
     6e-2 at 1e-6 (measured, features ~1). The direct form was exact there; such a cosine also moves with the
     last bits of the network's own float32 output."""
-    dtype = _work_dtype(e)
-    sq64, apart = _squared_distances(e)
-    sq = sq64.to(dtype)
-    # 1 / ||e_j - e_i|| for the pairs apart, 0 for the coincident ones; sqrt(1/2) takes the 1/2 above
-    inv = torch.where(apart, sq.clamp(min=NORM_EPS**2).rsqrt(), 0.0) * 0.5**0.5
-    c = sq[:, :, None] + sq[:, None, :]
-    c.sub_(sq)  # [i, j, k] = S_ij + S_ik - S_jk (broadcast over i)
-    if not c.requires_grad:  # the teacher's (detached) side: in place, no extra (b, b, b) tensors
-        return c.mul_(inv[:, :, None]).mul_(inv[:, None, :])
-    return c * inv[:, :, None] * inv[:, None, :]
+    c, norms = _angle_rows(*_angle_inputs(e), slice(None))
+    return c * norms
+
+
+class _AngleLoss(torch.autograd.Function):
+    """mean over (i, j, k) of smooth_l1(A_s - A_t), a block of rows i at a time, with a hand-written backward.
+
+    Autograd would keep several (b, b, b) tensors of the student's side for the backward: 8 MiB each at
+    b = 128 in float32, far past the CPU's caches. Here a block of ``ROWS`` rows (b^2 ROWS entries) is built,
+    used and dropped, in the forward and again in the backward, and nothing of size b^3 is kept.
+    With d = A_s - A_t and c = S_ij + S_ik - S_jk, A = c * w, w = inv_ij inv_ik:
+        dL/dA = clamp(d, -1, 1) / b^3 (smooth L1, beta 1),  dL/dc = dL/dA * w,  dL/dw = dL/dA * c,
+    and c and w take each gradient back to S and inv along the indices they read."""
+
+    ROWS = 8
+
+    @staticmethod
+    def forward(ctx, sq_s: Tensor, inv_s: Tensor, sq_t: Tensor, inv_t: Tensor) -> Tensor:
+        ctx.save_for_backward(sq_s, inv_s, sq_t, inv_t)
+        b = len(sq_s)
+        total = sq_s.new_zeros(())
+        for i in range(0, b, _AngleLoss.ROWS):
+            rows = slice(i, i + _AngleLoss.ROWS)
+            c_s, w_s = _angle_rows(sq_s, inv_s, rows)
+            c_t, w_t = _angle_rows(sq_t, inv_t, rows)
+            total += F.smooth_l1_loss(c_s.mul_(w_s), c_t.mul_(w_t).to(c_s.dtype), reduction="sum")
+        return total / b**3
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        sq_s, inv_s, sq_t, inv_t = ctx.saved_tensors
+        b = len(sq_s)
+        sides = [(sq_s, inv_s, 1.0), (sq_t, inv_t, -1.0)]  # dL/dA_t = -dL/dA_s
+        need = ctx.needs_input_grad
+        wanted = (need[0] or need[1], need[2] or need[3])
+        grads = [
+            (torch.zeros_like(sq), torch.zeros_like(inv)) if want else None
+            for (sq, inv, _), want in zip(sides, wanted, strict=True)
+        ]
+        scale = grad / b**3
+        for i in range(0, b, _AngleLoss.ROWS):
+            rows = slice(i, i + _AngleLoss.ROWS)
+            (c_s, w_s), (c_t, w_t) = _angle_rows(sq_s, inv_s, rows), _angle_rows(sq_t, inv_t, rows)
+            g = (c_s * w_s).sub_((c_t * w_t).to(c_s.dtype)).clamp_(-1, 1).mul_(scale)  # dL/dA_s
+            for (_, inv, sign), (c, w), out in zip(sides, ((c_s, w_s), (c_t, w_t)), grads, strict=True):
+                if out is not None:
+                    _add_block_gradient(out, g.to(c.dtype) * sign, c, w, inv, rows)
+        d_s, d_t = (side or (None, None) for side in grads)
+        return d_s[0], d_s[1], d_t[0], d_t[1]
+
+
+def _add_block_gradient(out: tuple[Tensor, Tensor], g: Tensor, c: Tensor, w: Tensor, inv: Tensor, rows: slice):
+    """Add dL/dS and dL/dinv of one block of rows, given g = dL/dA there (A = c * w)."""
+    d_sq, d_inv = out
+    h = g * w  # dL/dc: S_ij, S_ik and -S_jk each get it
+    d_sq[rows] += h.sum(2) + h.sum(1)
+    d_sq -= h.sum(0)
+    m = g * c  # dL/dw: inv_ij gets it times inv_ik, inv_ik gets it times inv_ij
+    d_inv[rows] += (m * inv[rows, None, :]).sum(2) + (m * inv[rows, :, None]).sum(1)
 
 
 def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
@@ -100,7 +163,10 @@ def rkd_distance_loss(student: Tensor, teacher: Tensor) -> Tensor:
 
 
 def rkd_angle_loss(student: Tensor, teacher: Tensor) -> Tensor:
-    return F.smooth_l1_loss(rkd_angle_potentials(student), rkd_angle_potentials(teacher))
+    """smooth_l1 of the two angle tensors (``rkd_angle_potentials``), mean over (i, j, k), without building
+    them whole (``_AngleLoss``). Forward + backward at b=128 on one CPU thread: 1.5-2.2x less time than
+    autograd on the whole tensors, D=64-256 (scripts/bench_relation_losses.py, docs/performance.md)."""
+    return _AngleLoss.apply(*_angle_inputs(student), *_angle_inputs(teacher))
 
 
 class RKD(OneTapPair):
