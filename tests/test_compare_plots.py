@@ -94,3 +94,22 @@ def test_many_methods_lie_flat_and_a_diverged_one_is_cut_with_its_value(tmp_path
     assert widths[:9] == [100.0 + i for i in range(9)]
     assert widths[-1] < 200 and ax.texts[-1].get_text() == "1300.000 (off scale)"
     assert ax.get_xlim()[0] == 0.0  # from 0: a bar's length is proportional to its value
+
+
+def test_flat_panels_are_as_tall_as_their_bars_and_different_teachers_read_as_a_mean(tmp_path):
+    """A one-bar panel next to a ten-bar one is drawn smaller, not stretched to the same height. A panel whose
+    rows had different teachers (peers, a chain's earlier stage) labels its line as their mean."""
+    for i in range(10):
+        write(tmp_path / f"m{i}", f"m{i}", 0, 0.50 + 0.01 * i)
+    write(tmp_path / "kd300", "kd", 0, 0.70, epochs=300)
+    write(tmp_path / "dkd300", "dkd", 0, 0.72, epochs=300)
+    rows = rows_of(tmp_path)
+    for r in rows:
+        if r["algorithm"] == "dkd":
+            r["teacher_acc"] = 0.8
+    axes = {ax.get_title(): ax for ax in accuracy_by_method_figure(rows).axes}
+    many, few = axes["s ← t (d), 20 epochs"], axes["s ← t (d), 300 epochs"]
+    assert few.get_position().height < 0.6 * many.get_position().height  # 2 bars against 10
+    labels = [line.get_label() for line in few.lines if not line.get_label().startswith("_")]
+    assert labels == ["teachers' mean 0.850"]
+    assert [line.get_label() for line in many.lines if not line.get_label().startswith("_")] == ["teacher 0.900"]

@@ -95,11 +95,16 @@ def accuracy_by_method_figure(rows: list[dict[str, Any]]):
     flat = widest > MAX_UPRIGHT_BARS or max(map(len, labels)) > MAX_UPRIGHT_LABEL
     ncols = 1 if flat else min(2, len(panels))
     nrows = -(-len(panels) // ncols)
-    upright = (max(5.0, 1.0 + 0.55 * widest) * ncols + 1.6, 4.2 * nrows)
-    fig = Figure(figsize=(9.0, (1.2 + 0.3 * widest) * nrows) if flat else upright, layout="constrained")
+    if flat:  # one column; each panel as tall as its bars need, so a one-bar panel stays small
+        heights = [1.2 + 0.3 * len(v) for v in panels.values()]
+        fig = Figure(figsize=(9.0, sum(heights)), layout="constrained")
+        grid = fig.add_gridspec(nrows, 1, height_ratios=heights)
+    else:
+        fig = Figure(figsize=(max(5.0, 1.0 + 0.55 * widest) * ncols + 1.6, 4.2 * nrows), layout="constrained")
+        grid = fig.add_gridspec(nrows, ncols)
     for i, (key, panel) in enumerate(panels.items()):
         data, teacher, student, *budget = key
-        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax = fig.add_subplot(grid[i // ncols, i % ncols])
         vanilla = [r for r in panel if r["algorithm"] == "none"]
         # one vanilla row is the reference line; several (different settings) stay bars, told apart by label
         bars = [r for r in panel if not (len(vanilla) == 1 and r is vanilla[0])]
@@ -108,8 +113,9 @@ def accuracy_by_method_figure(rows: list[dict[str, Any]]):
         if len(vanilla) == 1:
             references.append(("vanilla student", vanilla[0]["acc_best"], ":", "tab:gray"))
         teachers = [r["teacher_acc"] for r in panel if r.get("teacher_acc") is not None]
-        if teachers:
-            references.append(("teacher", sum(teachers) / len(teachers), "--", "black"))
+        if teachers:  # rows of one panel can have different teachers (peers, a chain's earlier stage)
+            name = "teacher" if max(teachers) - min(teachers) < 5e-4 else "teachers' mean"
+            references.append((name, sum(teachers) / len(teachers), "--", "black"))
         # The value axis starts at 0, so a bar's length is proportional to its value: a gap of 0.01 looks like
         # one. The printed values carry the small differences.
         end = value_axis_end([r["acc_best"] + r["std_best"] for r in panel], [v for _, v, _, _ in references], metric)
