@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from kd_lab.run.loggers import wandb_mode
 from kd_lab.run.train import train
@@ -30,6 +31,7 @@ def test_results_json_records_the_run(make_cfg, tmp_path):
     assert saved["params"]["teacher"] / saved["params"]["student"] == pytest.approx(saved["params"]["compression"])
     assert saved["teacher"]["metrics"]["test/acc"] == pytest.approx(saved["best"]["test/teacher_acc"])
     assert saved["wall_seconds"] > 0 and saved["versions"]["torch"].startswith("2.")
+    assert saved["versions"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # "AVX2", "AVX512"...
     assert saved["stage"] == "test" and saved["teacher"]["reused"] is False  # the stage it ended in; trained now
     assert 0 < saved["teacher_seconds"] < saved["wall_seconds"] and 0 < saved["fit_seconds"] < saved["student_seconds"]
     assert saved["teacher_seconds"] + saved["student_seconds"] <= saved["wall_seconds"]

@@ -87,6 +87,16 @@ def test_the_store_key_separates_seeds_and_augmentations(make_cfg, tmp_path):
     assert len({f.parent for f in store_files(tmp_path)}) == 3
 
 
+def test_a_machine_with_another_cpu_instruction_set_fills_its_own_store(make_cfg, tmp_path, monkeypatch):
+    """A store copied to a machine whose torch picks other CPU kernels is not read there: its floats differ."""
+    train(make_cfg(AUGMENT, "trainer.max_epochs=1", run="here"))
+    real = torch.backends.cpu.get_cpu_capability()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2" if real != "AVX2" else "AVX512")
+    _, objects = train(make_cfg(AUGMENT, "trainer.max_epochs=1", run="there"))
+    assert objects["module"].step.view_store.stats == {"read": 0, "filled": 1, "live": 0}
+    assert len({f.parent for f in store_files(tmp_path)}) == 2
+
+
 def test_a_damaged_epoch_file_is_filled_again(make_cfg, tmp_path, caplog):
     train(make_cfg(AUGMENT, "trainer.max_epochs=1", run="fill"))
     (path,) = store_files(tmp_path)

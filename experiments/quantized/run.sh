@@ -2,7 +2,7 @@
 # Quantized distillation (Polino et al. 2018) on MNIST-1D: student mlp_medium with 2-, 4- and 8-bit weights,
 # trained on the labels alone (algorithm=none: quantization-aware training) or distilled (algorithm=kd), 3 seeds
 # each, next to the fp32 none and kd rows. The budget is the README's default run (300 epochs): at the
-# survey's 80 epochs KD does not yet help this student even in fp32 (experiments/mnist1d_survey/results_80_epochs.md).
+# survey's 80 epochs KD does not yet help this student even in fp32 (experiments/mnist1d_survey).
 #   bash experiments/quantized/run.sh [output dir]            (default: ./logs/quantized)
 # Writes results.md and results.csv here. 24 runs in two parallel streams (one per core); see README.md.
 set -euo pipefail

@@ -15,8 +15,8 @@ of a top-k store, the filling one included, sees the same reconstructed logits.
 
 The key of a store is everything the stored numbers depend on: each teacher's weights (a hash of its state
 dict), the training split's content, the data config (batch size, seed, augmentation), the taps, the storage
-format, and the process (rank and world size, device type, precision, torch threads and version). One
-directory per key holds one ``safetensors`` file per epoch and rank, written atomically.
+format, and the process (rank and world size, device type, precision, torch threads and version, the CPU's
+instruction set). One directory per key holds one ``safetensors`` file per epoch and rank, written atomically.
 
 Concurrent runs: the run that reaches an epoch first takes a lock file and fills it. A run that finds the
 epoch locked by another live process computes its teacher live for that epoch and writes nothing. A lock left
@@ -263,6 +263,8 @@ class ViewStore:
             "serving": context.serving,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            # CPU kernels differ by instruction set (AVX2, AVX512): another machine computes other floats
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.directory = self.root / digest
@@ -543,6 +545,7 @@ class TokenTopkStore:
             "autocast": str(torch.get_autocast_dtype(device.type)) if autocast else None,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         }
 
     @torch.no_grad()
