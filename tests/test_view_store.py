@@ -194,3 +194,39 @@ def test_runs_it_cannot_serve_exactly_are_refused_before_training(make_cfg, over
 def test_auto_leaves_those_runs_to_a_live_teacher(make_cfg):
     _, objects = train(make_cfg("scheme=online", "trainer.max_epochs=1"))
     assert objects["module"].step.view_store is None
+
+
+def cifar_cfg(make_cfg, tmp_path, *overrides: str, run: str):
+    """CIFAR-100's crop and flip on fake files in the official format, with small 2-D CNNs."""
+    from helpers import write_fake_cifar
+
+    data = write_fake_cifar(tmp_path / "cifar", "cifar100", per_file=48)
+    cfg = make_cfg(
+        "data=cifar100",
+        "data.val_size=8",
+        "data.batch_size=16",
+        "teacher=cnn2d_large",
+        "teacher.max_epochs=1",
+        "student=cnn2d_small",
+        *overrides,
+        run=run,
+    )
+    cfg.paths.data_dir = str(data)
+    return cfg
+
+
+def test_cifar_crop_and_flip_read_from_the_store_train_bit_for_bit_and_top_k_alike(make_cfg, tmp_path):
+    live, live_objects = train(cifar_cfg(make_cfg, tmp_path, "perf.view_store=false", run="live"))
+    train(cifar_cfg(make_cfg, tmp_path, run="fill"))
+    read, read_objects = train(cifar_cfg(make_cfg, tmp_path, run="read"))
+    assert read_objects["module"].step.view_store.stats == {"read": 2, "filled": 0, "live": 0}
+    assert_same_results(live, read, abs_tol=0.0)
+    for key, value in state(live_objects["module"]).items():
+        assert torch.equal(value, state(read_objects["module"])[key]), key
+    # top-k (what CIFAR-100 x 240 epochs needs): not the live teacher's logits, but the same for filler and reader
+    filled_k, fill_objects = train(cifar_cfg(make_cfg, tmp_path, "perf.view_store_topk=8", run="fill_k"))
+    read_k, read_k_objects = train(cifar_cfg(make_cfg, tmp_path, "perf.view_store_topk=8", run="read_k"))
+    assert fill_objects["module"].step.view_store.stats == {"read": 0, "filled": 2, "live": 0}
+    assert read_k_objects["module"].step.view_store.stats == {"read": 2, "filled": 0, "live": 0}
+    assert_same_results(filled_k, read_k, abs_tol=0.0)
+    assert any(not torch.equal(v, state(fill_objects["module"])[k]) for k, v in state(live_objects["module"]).items())
