@@ -21,8 +21,8 @@ BASE = [
     "data=fake",
     "teacher=mlp_large",
     "student=mlp_small",
-    "teacher.max_epochs=15",
-    "trainer.max_epochs=10",
+    "teacher.max_epochs=60",  # long enough on a fast CPU that a kill lands inside a teacher's training
+    "trainer.max_epochs=30",  # long enough that a kill planned at epoch 1-7 of a resume finds it still running
     "trainer.accelerator=cpu",
     "logger=none",
 ]
