@@ -24,7 +24,7 @@ PACKAGES = ("kd-lab", "torch", "lightning", "hydra-core", "omegaconf", "torchmet
 
 def package_versions() -> dict[str, str]:
     versions = {"python": sys.version.split()[0], "platform": platform.platform()}
-    # the CPU's instruction set picks torch's kernels: the same seed gives other floats on AVX2 and AVX512
+    # torch picks its CPU kernels by the instruction set, and they may add floats in another order
     versions["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     for name in PACKAGES:
         with contextlib.suppress(metadata.PackageNotFoundError):

@@ -263,7 +263,7 @@ class ViewStore:
             "serving": context.serving,
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
-            # CPU kernels differ by instruction set (AVX2, AVX512): another machine computes other floats
+            # torch picks its CPU kernels by the instruction set (AVX2, AVX512); they may add floats in another order
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
